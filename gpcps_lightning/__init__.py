@@ -1,0 +1,17 @@
+"""gpcps_lightning: GP-CPS semi-supervised segmentation for PyTorch Lightning."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0.dev0"
+
+from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
+from gpcps_lightning.module import GPCPSModule, SegmentationModule
+
+__all__ = [
+    "EvaluationBatch",
+    "GPCPSModule",
+    "PredictionBatch",
+    "SegmentationModule",
+    "SemiSupervisedBatch",
+    "__version__",
+]

@@ -1,0 +1,338 @@
+"""The GP-CPS losses as pure, typed functions (no Lightning).
+
+Every function implements one equation of ``docs/method.md`` (which follows the project's METHOD.md).
+The defaults are the specification's; the variants found in the paper authors' code are separate
+functions or options, never the default.
+
+Conventions: images are (N, C, H, W); masks, probabilities and pseudo labels are (N, 1, H, W);
+``eps`` is (N, 1, 1, 1). Losses are computed in float32 whatever the input dtype, so that they behave
+the same under bf16 and fp16 autocast.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "authors_background_mask",
+    "authors_dice_loss",
+    "background_mask",
+    "fuse_images",
+    "fused_pseudo_labels",
+    "gradient_penalty",
+    "input_gradient",
+    "sample_eps",
+    "soft_dice_loss",
+]
+
+EpsMode = Literal["per_sample", "per_batch"]
+
+
+def _check_map(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"`{name}` must have shape (N, 1, H, W), got {tuple(x.shape)}.")
+    if not (x.is_floating_point() or x.dtype == torch.bool):
+        raise ValueError(f"`{name}` must be floating point or bool, got {x.dtype}.")
+
+
+def _check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"`{a_name}` and `{b_name}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+
+
+def _check_eps(eps: Tensor, n: int) -> None:
+    if not isinstance(eps, Tensor):
+        raise TypeError(f"`eps` must be a torch.Tensor, got {type(eps).__name__}.")
+    if eps.shape != (n, 1, 1, 1):
+        raise ValueError(f"`eps` must have shape ({n}, 1, 1, 1), got {tuple(eps.shape)}.")
+    if not eps.is_floating_point():
+        raise ValueError(f"`eps` must be floating point, got {eps.dtype}.")
+
+
+def soft_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """Soft Dice loss, per sample, averaged over the batch (the paper's ``L_dice``).
+
+    ``1 - (2 * sum(p * t) + s) / (sum(p) + sum(t) + s)`` for each sample, then the batch mean.
+
+    Args:
+        probs: Foreground probabilities in [0, 1].
+        target: Targets in [0, 1]; soft targets (pseudo labels) are allowed.
+        smooth: The smoothing constant ``s``; must be positive.
+
+    Returns:
+        A float32 scalar.
+
+    Raises:
+        ValueError: On shapes other than (N, 1, H, W), different shapes, or ``smooth <= 0``.
+
+    Shape:
+        - probs: (N, 1, H, W)
+        - target: (N, 1, H, W)
+    """
+    _check_map("probs", probs)
+    _check_map("target", target)
+    _check_same_shape("probs", probs, "target", target)
+    if smooth <= 0:
+        raise ValueError(f"`smooth` must be positive, got {smooth}.")
+    p = probs.float().flatten(1)
+    t = target.float().flatten(1)
+    intersection = (p * t).sum(dim=1)
+    dice = (2.0 * intersection + smooth) / (p.sum(dim=1) + t.sum(dim=1) + smooth)
+    return (1.0 - dice).mean()
+
+
+def authors_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
+    """Dice loss as the paper authors' code computes it (an option, not the default).
+
+    One Dice over the whole batch with squared sums in the denominator:
+    ``1 - (2 * sum(p * t) + s) / (sum(p^2) + sum(t^2) + s)``.
+
+    Args:
+        probs: Foreground probabilities in [0, 1].
+        target: Targets in [0, 1].
+        smooth: The smoothing constant ``s``; must be positive.
+
+    Returns:
+        A float32 scalar.
+
+    Raises:
+        ValueError: On shapes other than (N, 1, H, W), different shapes, or ``smooth <= 0``.
+
+    Shape:
+        - probs: (N, 1, H, W)
+        - target: (N, 1, H, W)
+    """
+    _check_map("probs", probs)
+    _check_map("target", target)
+    _check_same_shape("probs", probs, "target", target)
+    if smooth <= 0:
+        raise ValueError(f"`smooth` must be positive, got {smooth}.")
+    p = probs.float()
+    t = target.float()
+    dice = (2.0 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
+    return 1.0 - dice
+
+
+def sample_eps(
+    n: int,
+    mode: EpsMode = "per_sample",
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw the fusion weights ``eps ~ Uniform(0, 1)``.
+
+    Args:
+        n: Batch size.
+        mode: ``"per_sample"`` (the specification) draws one ``eps`` per sample; ``"per_batch"``
+            (the authors' code) draws one for the whole batch and repeats it.
+        device: Where to create the tensor.
+        generator: Optional random generator (for reproducible draws).
+
+    Returns:
+        float32 tensor of shape (n, 1, 1, 1) in [0, 1).
+
+    Raises:
+        ValueError: If ``n < 1`` or ``mode`` is unknown.
+    """
+    if n < 1:
+        raise ValueError(f"`n` must be at least 1, got {n}.")
+    if mode == "per_sample":
+        return torch.rand((n, 1, 1, 1), device=device, generator=generator)
+    if mode == "per_batch":
+        return torch.rand((1, 1, 1, 1), device=device, generator=generator).expand(n, 1, 1, 1).clone()
+    raise ValueError(f"`mode` must be 'per_sample' or 'per_batch', got {mode!r}.")
+
+
+def fuse_images(labeled: Tensor, unlabeled: Tensor, eps: Tensor) -> Tensor:
+    """Fuse a labeled and an unlabeled batch (Eq. 1): ``f = eps * l + (1 - eps) * u``.
+
+    Args:
+        labeled: Labeled images, as the networks see them (augmented and normalised).
+        unlabeled: Unlabeled images, same shape.
+        eps: Per-sample weight of the labeled image.
+
+    Returns:
+        The fused images, shape and dtype of ``labeled``.
+
+    Raises:
+        ValueError: On mismatched shapes.
+
+    Shape:
+        - labeled, unlabeled: (N, C, H, W)
+        - eps: (N, 1, 1, 1)
+    """
+    if labeled.ndim != 4:
+        raise ValueError(f"`labeled` must have shape (N, C, H, W), got {tuple(labeled.shape)}.")
+    _check_same_shape("labeled", labeled, "unlabeled", unlabeled)
+    _check_eps(eps, labeled.shape[0])
+    eps = eps.to(labeled.dtype)
+    return eps * labeled + (1.0 - eps) * unlabeled
+
+
+def fused_pseudo_labels(y: Tensor, p_other: Tensor, eps: Tensor) -> Tensor:
+    """Fused cross pseudo label (Eq. 13-14): ``eps * y + (1 - eps) * p_other``, detached.
+
+    No gradient flows through a pseudo label.
+
+    Args:
+        y: Mask of the labeled image that went into the fused image, in {0, 1}.
+        p_other: The *other* network's probabilities on the fused image.
+        eps: The fusion weights used to build the fused image.
+
+    Returns:
+        float32 soft labels in [0, 1], detached from the graph.
+
+    Raises:
+        ValueError: On shapes other than documented.
+
+    Shape:
+        - y, p_other: (N, 1, H, W)
+        - eps: (N, 1, 1, 1)
+    """
+    _check_map("y", y)
+    _check_map("p_other", p_other)
+    _check_same_shape("y", y, "p_other", p_other)
+    _check_eps(eps, y.shape[0])
+    with torch.no_grad():
+        e = eps.float()
+        return (e * y.float() + (1.0 - e) * p_other.detach().float()).detach()
+
+
+def background_mask(y: Tensor, p1: Tensor, p2: Tensor, threshold: float = 0.5) -> Tensor:
+    """Background set of the gradient penalty (Eq. 11): ``(y < 0.5) | ((p1 + p2) / 2 < threshold)``.
+
+    Computed without gradient.
+
+    Args:
+        y: Mask of the labeled image that went into the fused image.
+        p1: First network's probabilities on the fused image.
+        p2: Second network's probabilities on the fused image.
+        threshold: Threshold on the networks' mean probability.
+
+    Returns:
+        Boolean mask, True on background pixels.
+
+    Raises:
+        ValueError: On shapes other than documented.
+
+    Shape:
+        - y, p1, p2: (N, 1, H, W)
+        - output: (N, 1, H, W), bool
+    """
+    _check_map("y", y)
+    _check_map("p1", p1)
+    _check_map("p2", p2)
+    _check_same_shape("y", y, "p1", p1)
+    _check_same_shape("y", y, "p2", p2)
+    with torch.no_grad():
+        return (y.float() < 0.5) | ((p1.float() + p2.float()) / 2.0 < threshold)
+
+
+def authors_background_mask(y: Tensor, band: int = 1) -> Tensor:
+    """Background set as the paper authors' code builds it (an option, not the default).
+
+    ``y == 0`` minus a band of ``band`` pixels around the mask (the background pixels within
+    ``band`` pixels, 8-connected, of a foreground pixel). The networks' predictions play no part.
+
+    Args:
+        y: Mask of the labeled image that went into the fused image, in {0, 1}.
+        band: Width of the excluded band in pixels; 0 gives ``y == 0``.
+
+    Returns:
+        Boolean mask, True on background pixels.
+
+    Raises:
+        ValueError: On a shape other than (N, 1, H, W) or a negative band.
+
+    Shape:
+        - y: (N, 1, H, W)
+        - output: (N, 1, H, W), bool
+    """
+    _check_map("y", y)
+    if band < 0:
+        raise ValueError(f"`band` must be >= 0, got {band}.")
+    with torch.no_grad():
+        fg = (y.float() >= 0.5).float()
+        if band > 0:
+            fg = F.max_pool2d(fg, kernel_size=2 * band + 1, stride=1, padding=band)
+        return fg < 0.5
+
+
+def input_gradient(
+    total: Tensor,
+    inputs: Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Tensor:
+    """``d(total) / d(inputs)`` with ``create_graph=True``, so that a penalty on it trains the networks.
+
+    Under fp16 mixed precision pass the active ``GradScaler``: the gradient is then taken of the *scaled*
+    sum (so that small values do not underflow in fp16) and unscaled afterwards, PyTorch AMP's
+    gradient-penalty recipe. Inf or NaN values are returned as they are; the caller decides (the
+    module makes the scaler skip the step).
+
+    Args:
+        total: The scalar to differentiate, e.g. ``S = sum(p1(f)) + sum(p2(f))``.
+        inputs: The tensor to differentiate with respect to; must require grad.
+        scaler: The active gradient scaler under fp16, or ``None``.
+
+    Returns:
+        float32 gradient, shape of ``inputs``, still attached to the graph.
+
+    Raises:
+        ValueError: If ``total`` is not a scalar or ``inputs`` does not require grad.
+    """
+    if total.ndim != 0:
+        raise ValueError(f"`total` must be a scalar, got shape {tuple(total.shape)}.")
+    if not inputs.requires_grad:
+        raise ValueError("`inputs` must require grad: call `inputs.requires_grad_(True)` before the forward pass.")
+    if scaler is None or not scaler.is_enabled():
+        (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
+        return grad.float()
+    (scaled_grad,) = torch.autograd.grad(scaler.scale(total), inputs, create_graph=True)
+    # scaler.scale of a one gives the current scale as a device tensor: no host synchronisation.
+    scale = scaler.scale(torch.ones((), device=total.device, dtype=torch.float32))
+    return scaled_grad.float() / scale
+
+
+def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
+    """Gradient penalty (Eq. 12): mean of ``|grad|`` over the elements whose pixel is background.
+
+    The (N, 1, H, W) background mask is broadcast over the C channels of the gradient, so the mean runs
+    over (sample, channel, pixel) elements. The result is exactly 0 when the background is empty.
+
+    Args:
+        grad: Gradient of the output sum with respect to the fused image.
+        background: Boolean background mask (see :func:`background_mask`).
+
+    Returns:
+        A float32 scalar, differentiable with respect to ``grad``.
+
+    Raises:
+        ValueError: On shapes other than documented or a non-boolean mask.
+
+    Shape:
+        - grad: (N, C, H, W)
+        - background: (N, 1, H, W), bool
+    """
+    if grad.ndim != 4:
+        raise ValueError(f"`grad` must have shape (N, C, H, W), got {tuple(grad.shape)}.")
+    if background.dtype != torch.bool:
+        raise ValueError(f"`background` must be a bool tensor, got {background.dtype}.")
+    n, c, h, w = grad.shape
+    if background.shape != (n, 1, h, w):
+        raise ValueError(f"`background` must have shape {(n, 1, h, w)}, got {tuple(background.shape)}.")
+    mask = background.expand(n, c, h, w)
+    # where (not a product) so that a non-finite value outside the background does not leak in as NaN.
+    total = torch.where(mask, grad.float().abs(), 0.0).sum()
+    # clamp keeps the empty-background case at exactly 0 / 1 = 0 without a host-side branch.
+    count = (background.sum() * c).clamp(min=1).to(torch.float32)
+    return total / count
