@@ -5,8 +5,8 @@ The defaults are the specification's; the variants found in the paper authors' c
 functions or options, never the default.
 
 Conventions: images are (N, C, H, W); masks, probabilities and pseudo labels are (N, 1, H, W);
-``eps`` is (N, 1, 1, 1). Losses are computed in float32 whatever the input dtype, so that they behave
-the same under bf16 and fp16 autocast.
+``eps`` is (N, 1, 1, 1). Losses are computed in at least float32 (half-precision inputs are promoted),
+so that they behave the same under bf16 and fp16 autocast.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ __all__ = [
 ]
 
 EpsMode = Literal["per_sample", "per_batch"]
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """At least float32 (half precision is promoted; float64 stays float64 for gradient checks)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.to(torch.float32)
 
 
 def _check_map(name: str, x: Tensor) -> None:
@@ -82,8 +89,8 @@ def soft_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor
     _check_same_shape("probs", probs, "target", target)
     if smooth <= 0:
         raise ValueError(f"`smooth` must be positive, got {smooth}.")
-    p = probs.float().flatten(1)
-    t = target.float().flatten(1)
+    p = _as_float(probs).flatten(1)
+    t = _as_float(target).flatten(1)
     intersection = (p * t).sum(dim=1)
     dice = (2.0 * intersection + smooth) / (p.sum(dim=1) + t.sum(dim=1) + smooth)
     return (1.0 - dice).mean()
@@ -115,8 +122,8 @@ def authors_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1e-5) -> Te
     _check_same_shape("probs", probs, "target", target)
     if smooth <= 0:
         raise ValueError(f"`smooth` must be positive, got {smooth}.")
-    p = probs.float()
-    t = target.float()
+    p = _as_float(probs)
+    t = _as_float(target)
     dice = (2.0 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
     return 1.0 - dice
 
@@ -203,8 +210,9 @@ def fused_pseudo_labels(y: Tensor, p_other: Tensor, eps: Tensor) -> Tensor:
     _check_same_shape("y", y, "p_other", p_other)
     _check_eps(eps, y.shape[0])
     with torch.no_grad():
-        e = eps.float()
-        return (e * y.float() + (1.0 - e) * p_other.detach().float()).detach()
+        p = _as_float(p_other.detach())
+        e = eps.to(p.dtype)
+        return (e * y.to(p.dtype) + (1.0 - e) * p).detach()
 
 
 def background_mask(y: Tensor, p1: Tensor, p2: Tensor, threshold: float = 0.5) -> Tensor:
@@ -234,7 +242,7 @@ def background_mask(y: Tensor, p1: Tensor, p2: Tensor, threshold: float = 0.5) -
     _check_same_shape("y", y, "p1", p1)
     _check_same_shape("y", y, "p2", p2)
     with torch.no_grad():
-        return (y.float() < 0.5) | ((p1.float() + p2.float()) / 2.0 < threshold)
+        return (y < 0.5) | ((_as_float(p1) + _as_float(p2)) / 2.0 < threshold)
 
 
 def authors_background_mask(y: Tensor, band: int = 1) -> Tensor:
@@ -261,7 +269,7 @@ def authors_background_mask(y: Tensor, band: int = 1) -> Tensor:
     if band < 0:
         raise ValueError(f"`band` must be >= 0, got {band}.")
     with torch.no_grad():
-        fg = (y.float() >= 0.5).float()
+        fg = (y >= 0.5).to(torch.float32)
         if band > 0:
             fg = F.max_pool2d(fg, kernel_size=2 * band + 1, stride=1, padding=band)
         return fg < 0.5
@@ -296,11 +304,11 @@ def input_gradient(
         raise ValueError("`inputs` must require grad: call `inputs.requires_grad_(True)` before the forward pass.")
     if scaler is None or not scaler.is_enabled():
         (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
-        return grad.float()
+        return _as_float(grad)
     (scaled_grad,) = torch.autograd.grad(scaler.scale(total), inputs, create_graph=True)
     # scaler.scale of a one gives the current scale as a device tensor: no host synchronisation.
     scale = scaler.scale(torch.ones((), device=total.device, dtype=torch.float32))
-    return scaled_grad.float() / scale
+    return _as_float(scaled_grad) / scale
 
 
 def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
@@ -332,7 +340,7 @@ def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
         raise ValueError(f"`background` must have shape {(n, 1, h, w)}, got {tuple(background.shape)}.")
     mask = background.expand(n, c, h, w)
     # where (not a product) so that a non-finite value outside the background does not leak in as NaN.
-    total = torch.where(mask, grad.float().abs(), 0.0).sum()
+    total = torch.where(mask, _as_float(grad).abs(), 0.0).sum()
     # clamp keeps the empty-background case at exactly 0 / 1 = 0 without a host-side branch.
-    count = (background.sum() * c).clamp(min=1).to(torch.float32)
+    count = (background.sum() * c).clamp(min=1).to(total.dtype)
     return total / count

@@ -369,7 +369,6 @@ class GPCPSModule(SegmentationModule):
         Raises:
             TypeError: If ``batch`` is not a :class:`SemiSupervisedBatch`.
             ValueError: On malformed batches.
-            RuntimeError: If the encoder has no second derivative and the penalty is on.
         """
         if not isinstance(batch, SemiSupervisedBatch):
             raise TypeError(
@@ -399,16 +398,7 @@ class GPCPSModule(SegmentationModule):
             if with_penalty:
                 scaler = self.active_grad_scaler()
                 total_prob = p1.float().sum() + p2.float().sum()
-                try:
-                    grad = input_gradient(total_prob, fused, scaler)
-                except RuntimeError as err:
-                    if "derivative for" in str(err) and "not implemented" in str(err):
-                        raise RuntimeError(
-                            f"The encoder {self._network_args['encoder_name']!r} uses an operation without a "
-                            f"second derivative ({err}). The gradient penalty needs one: choose an encoder "
-                            "with ReLU-family activations (e.g. 'resnet34') or set lambda_grad=0."
-                        ) from err
-                    raise
+                grad = input_gradient(total_prob, fused, scaler)
                 if self.background_variant == "authors":
                     bg = authors_background_mask(y)
                 else:
@@ -424,7 +414,17 @@ class GPCPSModule(SegmentationModule):
     def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:  # noqa: D102
         step = self.global_step
         losses = self.compute_losses(batch, step)
-        self.optimization_step(losses.total, losses.nonfinite_flag)
+        try:
+            self.optimization_step(losses.total, losses.nonfinite_flag)
+        except RuntimeError as err:
+            # Autograd only finds a missing second derivative in the final backward pass.
+            if "derivative for" in str(err) and "not implemented" in str(err) and self.penalty_due(step):
+                raise RuntimeError(
+                    f"The encoder {self._network_args['encoder_name']!r} uses an operation without a second "
+                    f"derivative ({err}). The gradient penalty needs one: choose an encoder with ReLU-family "
+                    "activations (e.g. 'resnet34') or set lambda_grad=0."
+                ) from err
+            raise
         logged = {"loss": losses.total, "loss_sup": losses.sup, "loss_semi": losses.semi}
         if self.penalty_due(step):
             logged["loss_grad"] = losses.grad

@@ -12,10 +12,10 @@ from gpcps_lightning.batch import EvaluationBatch, SemiSupervisedBatch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-#: A small, fast network for tests: ResNet-18 encoder cut to three stages, narrow decoder.
+#: A small, fast network for tests: timm ResNet-18 cut to three stages (timm drops the unused ones), narrow decoder.
 TINY_NET: dict[str, Any] = {
     "arch": "Unet",
-    "encoder_name": "resnet18",
+    "encoder_name": "tu-resnet18",
     "network_kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 4]},
 }
 
