@@ -11,6 +11,7 @@ so that they behave the same under bf16 and fp16 autocast.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -344,3 +345,123 @@ def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
     # clamp keeps the empty-background case at exactly 0 / 1 = 0 without a host-side branch.
     count = (background.sum() * c).clamp(min=1).to(total.dtype)
     return total / count
+
+
+# ---------------------------------------------------------------------------------------------------
+# Baselines: cross pseudo supervision (CPS) and Mean Teacher (see docs/baselines.md).
+# ---------------------------------------------------------------------------------------------------
+
+__all__ += ["consistency_loss", "cps_loss", "hard_pseudo_labels", "sigmoid_rampup"]
+
+
+def hard_pseudo_labels(logits: Tensor, threshold: float = 0.5) -> Tensor:
+    """Hard pseudo labels ``1[sigmoid(logits) >= threshold]``, detached (CPS, Chen et al. 2021).
+
+    For one-channel logits ``z`` this is the arg-max of the equivalent two-class softmax over
+    ``(0, z)`` when ``threshold = 0.5`` (up to ties at ``z = 0``, which go to the foreground here, as
+    in the library's evaluation).
+
+    Args:
+        logits: One-channel logits of a network.
+        threshold: Probability threshold in (0, 1).
+
+    Returns:
+        float32 labels in {0, 1}, detached from the graph.
+
+    Raises:
+        ValueError: On a shape other than (N, 1, H, W) or a threshold outside (0, 1).
+
+    Shape:
+        - logits: (N, 1, H, W)
+        - output: (N, 1, H, W)
+    """
+    _check_map("logits", logits)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"`threshold` must be in (0, 1), got {threshold}.")
+    with torch.no_grad():
+        return (torch.sigmoid(logits.detach().float()) >= threshold).float()
+
+
+def cps_loss(logits_a: Tensor, logits_b: Tensor, threshold: float = 0.5) -> Tensor:
+    """Cross pseudo supervision loss for binary segmentation (Chen et al., CVPR 2021, Eq. 2-3).
+
+    Each network is supervised by the other's hard pseudo labels:
+    ``BCE(logits_a, Y_b) + BCE(logits_b, Y_a)`` with ``Y = 1[sigmoid(logits) >= threshold]``
+    detached, each binary cross entropy averaged over all pixels of the batch. BCE on one-channel
+    logits is exactly the pixel-wise two-class cross entropy of the paper (softmax over logits
+    ``(0, z)``), so this is the paper's loss for two classes, not an approximation of it.
+
+    Args:
+        logits_a: Logits of the first network.
+        logits_b: Logits of the second network on the same images.
+        threshold: Probability threshold of the pseudo labels, in (0, 1).
+
+    Returns:
+        A float32 scalar; its gradient reaches each network only through its own logits.
+
+    Raises:
+        ValueError: On shapes other than (N, 1, H, W), different shapes, or a threshold outside (0, 1).
+
+    Shape:
+        - logits_a, logits_b: (N, 1, H, W)
+    """
+    _check_map("logits_a", logits_a)
+    _check_map("logits_b", logits_b)
+    _check_same_shape("logits_a", logits_a, "logits_b", logits_b)
+    y_a = hard_pseudo_labels(logits_a, threshold)
+    y_b = hard_pseudo_labels(logits_b, threshold)
+    return F.binary_cross_entropy_with_logits(logits_a.float(), y_b) + F.binary_cross_entropy_with_logits(
+        logits_b.float(), y_a
+    )
+
+
+def consistency_loss(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+    """Mean Teacher consistency cost: mean squared difference of probabilities (Tarvainen & Valpola 2017).
+
+    ``mean((p_student - p_teacher)^2)`` over all pixels of the batch, with the teacher's
+    probabilities detached (the teacher is trained only through the moving average). For one-channel
+    sigmoid outputs this equals the mean over both channels of the two-class softmax MSE.
+
+    Args:
+        student_probs: The student's foreground probabilities in [0, 1].
+        teacher_probs: The teacher's foreground probabilities in [0, 1].
+
+    Returns:
+        A float32 scalar.
+
+    Raises:
+        ValueError: On shapes other than (N, 1, H, W) or different shapes.
+
+    Shape:
+        - student_probs, teacher_probs: (N, 1, H, W)
+    """
+    _check_map("student_probs", student_probs)
+    _check_map("teacher_probs", teacher_probs)
+    _check_same_shape("student_probs", student_probs, "teacher_probs", teacher_probs)
+    return F.mse_loss(student_probs.float(), teacher_probs.detach().float())
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """Sigmoid-shaped ramp-up ``exp(-5 * (1 - t / T)^2)`` for ``t < T``, then 1 (Laine & Aila 2017).
+
+    The Mean Teacher paper ramps its consistency weight with this schedule; ``t`` is clipped to
+    ``[0, T]`` and ``T = 0`` means no ramp-up (always 1).
+
+    Args:
+        step: Current (0-based) training step ``t``; must be >= 0.
+        rampup_steps: Ramp-up length ``T`` in steps; must be >= 0.
+
+    Returns:
+        The ramp factor in ``[exp(-5), 1]`` (exactly 1 from ``t = T`` on).
+
+    Raises:
+        ValueError: If ``step`` or ``rampup_steps`` is negative.
+    """
+    if step < 0:
+        raise ValueError(f"`step` must be >= 0, got {step}.")
+    if rampup_steps < 0:
+        raise ValueError(f"`rampup_steps` must be >= 0, got {rampup_steps}.")
+    if rampup_steps == 0 or step >= rampup_steps:
+        return 1.0
+    phase = 1.0 - step / rampup_steps
+    return math.exp(-5.0 * phase * phase)

@@ -100,6 +100,8 @@ class SegmentationModule(L.LightningModule):
     """
 
     head_names: tuple[str, ...] = ("net1",)
+    #: The head whose validation metrics select the checkpoint (``val/dice_<selection_head>``).
+    selection_head: str = "net1"
 
     def __init__(
         self,
@@ -116,6 +118,11 @@ class SegmentationModule(L.LightningModule):
         threshold: float = 0.5,
     ) -> None:
         super().__init__()
+        if self.selection_head not in self.head_names:
+            raise ValueError(
+                f"{type(self).__name__}.selection_head={self.selection_head!r} must be one of its "
+                f"head_names {self.head_names}."
+            )
         if lr <= 0:
             raise ValueError(f"`lr` must be positive, got {lr}.")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -298,6 +305,7 @@ class GPCPSModule(SegmentationModule):
     """
 
     head_names = ("net1", "net2", "ensemble")
+    selection_head = "ensemble"
 
     def __init__(
         self,
