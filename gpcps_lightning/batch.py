@@ -121,4 +121,3 @@ class PredictionBatch:
     def batch_size(self) -> int:
         """Number of images in the batch."""
         return int(self.image.shape[0])
-

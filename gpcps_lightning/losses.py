@@ -302,7 +302,9 @@ def input_gradient(
     if total.ndim != 0:
         raise ValueError(f"`total` must be a scalar, got shape {tuple(total.shape)}.")
     if not inputs.requires_grad:
-        raise ValueError("`inputs` must require grad: call `inputs.requires_grad_(True)` before the forward pass.")
+        raise ValueError(
+            "`inputs` must require grad: call `inputs.requires_grad_(True)` before the forward pass."
+        )
     if scaler is None or not scaler.is_enabled():
         (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
         return _as_float(grad)

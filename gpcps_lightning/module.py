@@ -136,7 +136,7 @@ class SegmentationModule(L.LightningModule):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"`threshold` must be in (0, 1), got {threshold}.")
         self.automatic_optimization = False
-        self._network_args = dict(
+        self._network_args: dict[str, Any] = dict(
             arch=arch,
             encoder_name=encoder_name,
             encoder_weights=encoder_weights,
@@ -193,7 +193,7 @@ class SegmentationModule(L.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip here: Lightning calls this hook after unscaling fp16 gradients, so the norm is the true one."""
+        """Clip the gradients; Lightning calls this hook after unscaling fp16 gradients."""
         if self.gradient_clip_val is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
@@ -236,13 +236,17 @@ class SegmentationModule(L.LightningModule):
         probs = self.head_probabilities(batch.image)
         for head, p in probs.items():
             collection = metrics[head]
+            assert isinstance(collection, MetricCollection)  # built so in __init__
             if batch.original_masks is None:
                 collection.update((p >= self.threshold).long(), (batch.mask >= 0.5).long())
             else:
                 for i, mask in enumerate(batch.original_masks):
                     # Resize the probabilities, not the binary prediction, back to the mask's size.
-                    p_i = F.interpolate(p[i : i + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False)
-                    collection.update((p_i >= self.threshold).long(), (mask.reshape(p_i.shape) >= 0.5).long())
+                    p_i = F.interpolate(
+                        p[i : i + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                    target = (mask.reshape(p_i.shape) >= 0.5).long()
+                    collection.update((p_i >= self.threshold).long(), target)
             self.log_dict(collection, on_step=False, on_epoch=True, batch_size=batch.batch_size)
 
     def validation_step(self, batch: EvaluationBatch, batch_idx: int) -> None:  # noqa: D102
@@ -252,7 +256,7 @@ class SegmentationModule(L.LightningModule):
         self._evaluation_step(batch, "test")
 
     def predict_step(self, batch: PredictionBatch | EvaluationBatch | Tensor, batch_idx: int) -> Tensor:
-        """Foreground probabilities at the training size, shape (N, 1, H, W) (the ensemble's where there is one)."""
+        """Foreground probabilities (N, 1, H, W) at the training size; the ensemble's where there is one."""
         return self(_batch_images(batch))
 
     def log_losses(self, losses: dict[str, Tensor], batch_size: int) -> None:

@@ -46,7 +46,9 @@ def build_network(
     kwargs = dict(network_kwargs or {})
     for reserved in ("arch", "encoder_name", "encoder_weights", "in_channels", "classes"):
         if reserved in kwargs:
-            raise ValueError(f"`network_kwargs` must not contain {reserved!r}: it has an argument of its own.")
+            raise ValueError(
+                f"`network_kwargs` must not contain {reserved!r}: it has an argument of its own."
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -60,6 +62,7 @@ def build_network(
             )
         except KeyError as err:
             raise ValueError(
-                f"segmentation-models-pytorch does not know arch={arch!r} with encoder_name={encoder_name!r}: "
-                f"{err}. See https://smp.readthedocs.io for the architectures and encoders it provides."
+                "segmentation-models-pytorch does not know "
+                f"arch={arch!r} with encoder_name={encoder_name!r}: {err}. "
+                "See https://smp.readthedocs.io for the architectures and encoders it provides."
             ) from err

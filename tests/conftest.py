@@ -12,7 +12,8 @@ from gpcps_lightning.batch import EvaluationBatch, SemiSupervisedBatch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-#: A small, fast network for tests: timm ResNet-18 cut to three stages (timm drops the unused ones), narrow decoder.
+#: A small, fast network for tests: timm ResNet-18 cut to three stages (timm drops the
+#: unused ones), narrow decoder.
 TINY_NET: dict[str, Any] = {
     "arch": "Unet",
     "encoder_name": "tu-resnet18",
@@ -51,13 +52,15 @@ class _SemiSet(Dataset):
 
 
 def _collate_semi(items: list[tuple[torch.Tensor, ...]]) -> SemiSupervisedBatch:
-    l, m, u = (torch.stack(x) for x in zip(*items))
-    return SemiSupervisedBatch(labeled=l, mask=m, unlabeled=u)
+    labeled, mask, unlabeled = (torch.stack(x) for x in zip(*items, strict=True))
+    return SemiSupervisedBatch(labeled=labeled, mask=mask, unlabeled=unlabeled)
 
 
 def _collate_eval(items: list[tuple[torch.Tensor, ...]]) -> EvaluationBatch:
-    l, m, _ = (torch.stack(x) for x in zip(*items))
-    return EvaluationBatch(image=l, mask=m, original_masks=None, names=[str(i) for i in range(len(items))])
+    image, mask, _ = (torch.stack(x) for x in zip(*items, strict=True))
+    return EvaluationBatch(
+        image=image, mask=mask, original_masks=None, names=[str(i) for i in range(len(items))]
+    )
 
 
 class RandomSemiDataModule(L.LightningDataModule):
@@ -68,7 +71,9 @@ class RandomSemiDataModule(L.LightningDataModule):
         self.size, self.batch_size, self.length = size, batch_size, length
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_SemiSet(self.length, self.size), batch_size=self.batch_size, collate_fn=_collate_semi)
+        return DataLoader(
+            _SemiSet(self.length, self.size), batch_size=self.batch_size, collate_fn=_collate_semi
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_SemiSet(4, self.size), batch_size=self.batch_size, collate_fn=_collate_eval)

@@ -118,10 +118,10 @@ def test_authors_background_mask_excludes_a_band() -> None:
 
 
 def test_fuse_images_and_eps() -> None:
-    l = torch.ones(2, 3, 2, 2)
-    u = torch.zeros(2, 3, 2, 2)
+    labeled = torch.ones(2, 3, 2, 2)
+    unlabeled = torch.zeros(2, 3, 2, 2)
     eps = torch.tensor([0.25, 0.75]).reshape(2, 1, 1, 1)
-    f = fuse_images(l, u, eps)
+    f = fuse_images(labeled, unlabeled, eps)
     assert torch.equal(f[0], torch.full((3, 2, 2), 0.25))
     assert torch.equal(f[1], torch.full((3, 2, 2), 0.75))
 
@@ -139,7 +139,7 @@ def _reference_soft_dice(p: torch.Tensor, t: torch.Tensor, s: float = 1.0) -> fl
     losses = []
     for i in range(p.shape[0]):
         pi, ti = p[i].double().flatten().tolist(), t[i].double().flatten().tolist()
-        inter = sum(a * b for a, b in zip(pi, ti))
+        inter = sum(a * b for a, b in zip(pi, ti, strict=True))
         losses.append(1 - (2 * inter + s) / (sum(pi) + sum(ti) + s))
     return sum(losses) / len(losses)
 
@@ -274,8 +274,14 @@ def test_input_gradient_reports_overflow_as_nonfinite() -> None:
         (lambda: soft_dice_loss(torch.rand(2, 1, 3, 3), torch.rand(2, 1, 3, 3), smooth=0), "smooth"),
         (lambda: soft_dice_loss(torch.rand(1, 3, 3), torch.rand(1, 3, 3)), r"\(N, 1, H, W\)"),
         (lambda: fused_pseudo_labels(torch.rand(2, 1, 3, 3), torch.rand(2, 1, 3, 3), torch.rand(2)), "eps"),
-        (lambda: fuse_images(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 5), torch.rand(2, 1, 1, 1)), "same shape"),
-        (lambda: background_mask(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2), torch.rand(1, 1, 3, 2)), "p2"),
+        (
+            lambda: fuse_images(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 5), torch.rand(2, 1, 1, 1)),
+            "same shape",
+        ),
+        (
+            lambda: background_mask(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2), torch.rand(1, 1, 3, 2)),
+            "p2",
+        ),
         (lambda: gradient_penalty(torch.rand(1, 3, 2, 2), torch.ones(1, 1, 2, 2)), "bool"),
         (lambda: gradient_penalty(torch.rand(1, 3, 2, 2), torch.ones(1, 1, 2, 3, dtype=torch.bool)), "shape"),
         (lambda: input_gradient(torch.ones(2), torch.ones(2, requires_grad=True)), "scalar"),

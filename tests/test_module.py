@@ -148,7 +148,12 @@ class _Spy:
     [("I", 0.0, 0.0, 1, 0), ("II", 1e-3, 0.0, 2, 1), ("III", 0.0, 1.0, 2, 0), ("IV", 1e-3, 1.0, 2, 1)],
 )
 def test_ablation_rows_compose_the_loss(
-    monkeypatch: pytest.MonkeyPatch, row: str, lambda_grad: float, lambda_semi: float, forwards: int, gradient_calls: int
+    monkeypatch: pytest.MonkeyPatch,
+    row: str,
+    lambda_grad: float,
+    lambda_semi: float,
+    forwards: int,
+    gradient_calls: int,
 ) -> None:
     module = GPCPSModule(**TINY_NET, lambda_grad=lambda_grad, lambda_semi=lambda_semi)
     spy = _Spy(module, monkeypatch)
@@ -191,7 +196,7 @@ def test_authors_variants_run() -> None:
 
 def test_encoder_without_second_derivative_is_a_clear_error() -> None:
     module = GPCPSModule(arch="Unet", encoder_name="tu-mobilenetv3_small_050")
-    with pytest.raises(RuntimeError, match="second derivative.*lambda_grad=0"):
+    with pytest.raises(RuntimeError, match=r"second derivative.*lambda_grad=0"):
         _trainer(max_steps=1).fit(module, RandomSemiDataModule())
 
 
