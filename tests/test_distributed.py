@@ -1,0 +1,127 @@
+"""GP-CPS under DDP: two CPU processes (gloo) against a one-process reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gpcps_lightning import GPCPSModule, SemiSupervisedBatch
+from gpcps_lightning.distributed import GradientSyncBatchNorm, GradientSyncBatchNorm2d
+from gpcps_lightning.losses import (
+    background_mask,
+    fused_pseudo_labels,
+    gradient_penalty,
+    input_gradient,
+    soft_dice_loss,
+)
+
+WORKER = Path(__file__).parent / "scripts" / "ddp_gradients.py"
+sys.path.insert(0, str(WORKER.parent))
+from ddp_gradients import TINY_NET  # noqa: E402
+
+
+def _run_worker(out: Path, *flags: str) -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(out), *flags], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _load(out: Path, name: str) -> dict:
+    return torch.load(out / name, weights_only=False)
+
+
+def _assert_grads_close(reference: GPCPSModule, grads: dict[str, torch.Tensor]) -> None:
+    compared = 0
+    for name, p in reference.named_parameters():
+        if p.grad is None:
+            continue
+        scale = p.grad.abs().max().clamp(min=1e-12)
+        assert (p.grad - grads[name]).abs().max() / scale < 1e-4, name
+        compared += 1
+    assert compared > 20
+
+
+def test_ddp_gradients_equal_the_mean_of_per_rank_losses(tmp_path: Path) -> None:
+    _run_worker(tmp_path)
+    batches = [_load(tmp_path, f"batch_rank{r}.pt") for r in range(2)]
+    assert not torch.equal(batches[0].labeled, batches[1].labeled)  # each rank saw distinct samples
+    g0, g1 = _load(tmp_path, "grads_rank0.pt"), _load(tmp_path, "grads_rank1.pt")
+    assert g0.keys() == g1.keys()
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)  # all-reduced: the same on both ranks
+
+    reference = GPCPSModule(**TINY_NET)
+    reference.load_state_dict(_load(tmp_path, "init.pt"))
+    loss = sum(reference.compute_losses(b).total for b in batches) / 2
+    loss.backward()
+    _assert_grads_close(reference, g0)
+
+    final0, final1 = _load(tmp_path, "final_rank0.pt"), _load(tmp_path, "final_rank1.pt")
+    for key in final0:
+        if "running_" in key or "num_batches_tracked" in key:
+            continue  # per-rank batch statistics; DDP broadcasts rank 0's at each forward
+        assert torch.equal(final0[key], final1[key]), key
+
+
+def _reference_loss_with_global_batch_statistics(module: GPCPSModule, batches: list[SemiSupervisedBatch]):
+    """Each rank's loss, with batch norm over the union of the ranks' batches, averaged over ranks."""
+    n = batches[0].batch_size
+    labeled = torch.cat([b.labeled for b in batches])
+    fused = torch.cat([b.fused for b in batches]).requires_grad_(True)  # type: ignore[misc]
+    p1_l, p2_l = torch.sigmoid(module.net1(labeled)), torch.sigmoid(module.net2(labeled))
+    p1_f, p2_f = torch.sigmoid(module.net1(fused)), torch.sigmoid(module.net2(fused))
+    grad = input_gradient(p1_f.sum() + p2_f.sum(), fused)
+    totals = []
+    for r, b in enumerate(batches):
+        s = slice(r * n, (r + 1) * n)
+        sup = soft_dice_loss(p1_l[s], b.mask) + soft_dice_loss(p2_l[s], b.mask)
+        semi = soft_dice_loss(p1_f[s], fused_pseudo_labels(b.mask, p2_f[s], b.eps)) + soft_dice_loss(
+            p2_f[s], fused_pseudo_labels(b.mask, p1_f[s], b.eps)
+        )
+        penalty = gradient_penalty(grad[s], background_mask(b.mask, p1_f[s], p2_f[s]))
+        totals.append(sup + module.lambda_grad * penalty + module.lambda_semi * semi)
+    return sum(totals) / len(totals)
+
+
+def test_ddp_with_gradient_sync_batchnorm_matches_global_batch_statistics(tmp_path: Path) -> None:
+    _run_worker(tmp_path, "--sync-batchnorm")
+    batches = [_load(tmp_path, f"batch_rank{r}.pt") for r in range(2)]
+    g0, g1 = _load(tmp_path, "grads_rank0.pt"), _load(tmp_path, "grads_rank1.pt")
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+
+    reference = GPCPSModule(**TINY_NET)
+    reference.load_state_dict(_load(tmp_path, "init.pt"))
+    _reference_loss_with_global_batch_statistics(reference, batches).backward()
+    _assert_grads_close(reference, g0)
+
+    final0, final1 = _load(tmp_path, "final_rank0.pt"), _load(tmp_path, "final_rank1.pt")
+    for key in final0:  # synchronised statistics: everything, running statistics too, is identical
+        torch.testing.assert_close(final0[key], final1[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_gradient_sync_batchnorm_is_batchnorm_in_one_process() -> None:
+    assert not (dist.is_available() and dist.is_initialized())
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(3)
+    synced = torch.nn.BatchNorm2d(3)
+    synced.load_state_dict(plain.state_dict())
+    GradientSyncBatchNorm().apply(torch.nn.Sequential(synced))
+    assert type(synced) is GradientSyncBatchNorm2d
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(synced(x), plain(x))
+    torch.testing.assert_close(synced.running_var, plain.running_var)
+    GradientSyncBatchNorm().revert(torch.nn.Sequential(synced))
+    assert type(synced) is torch.nn.BatchNorm2d
+
+
+def test_gradient_sync_batchnorm_refuses_other_norm_layers() -> None:
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\)"):
+        GradientSyncBatchNorm().apply(model)
