@@ -1,4 +1,4 @@
-"""Multi-process training helpers: a synchronised batch norm that the gradient penalty can differentiate twice.
+"""Multi-process training: a synchronised batch norm that the gradient penalty can differentiate twice.
 
 ``torch.nn.SyncBatchNorm`` (what ``Trainer(sync_batchnorm=True)`` installs) has a hand-written backward
 that cannot itself be differentiated, and it runs on GPUs only. The GP-CPS penalty differentiates the
@@ -85,7 +85,8 @@ class GradientSyncBatchNorm(LayerSync):
         ]
         if others:
             raise ValueError(
-                "GradientSyncBatchNorm can only synchronise nn.BatchNorm2d layers; these would stay per-process: "
+                "GradientSyncBatchNorm can only synchronise nn.BatchNorm2d layers; "
+                "these would stay per-process: "
                 + ", ".join(others[:5])
                 + (" ..." if len(others) > 5 else "")
                 + ". Choose an encoder built from nn.BatchNorm2d or train without the plugin."
