@@ -52,10 +52,12 @@ class GradientSyncBatchNorm2d(nn.BatchNorm2d):
         mean = packed[:-1] / count
         centred = xf - mean.view(1, -1, 1, 1)
         var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / count
+        tracked = self.num_batches_tracked
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            assert tracked is not None  # nn.BatchNorm2d creates it together with the running statistics
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                tracked.add_(1)
+                momentum = 1.0 / float(tracked) if self.momentum is None else self.momentum
                 unbiased = var.detach() * count / (count - 1).clamp(min=1)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
@@ -99,5 +101,5 @@ class GradientSyncBatchNorm(LayerSync):
     def revert(self, model: nn.Module) -> nn.Module:  # noqa: D102
         for m in model.modules():
             if type(m) is GradientSyncBatchNorm2d:
-                m.__class__ = nn.BatchNorm2d
+                m.__class__ = nn.BatchNorm2d  # type: ignore[assignment]
         return model

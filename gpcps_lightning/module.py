@@ -7,8 +7,9 @@ networks and the optimizer, and logs. Baselines (:mod:`gpcps_lightning.baselines
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import IO, Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -18,6 +19,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
+from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
 from gpcps_lightning.losses import (
     authors_background_mask,
     authors_dice_loss,
@@ -258,6 +260,57 @@ class SegmentationModule(L.LightningModule):
     def predict_step(self, batch: PredictionBatch | EvaluationBatch | Tensor, batch_idx: int) -> Tensor:
         """Foreground probabilities (N, 1, H, W) at the training size; the ensemble's where there is one."""
         return self(_batch_images(batch))
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stamp the checkpoint with the library version and the module class (checked on loading)."""
+        from gpcps_lightning import __version__
+
+        cls = type(self)
+        checkpoint[CHECKPOINT_KEY] = {"version": __version__, "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | IO[bytes] | Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, after checking the file.
+
+        The checkpoint is read once, checked with :func:`gpcps_lightning.checkpointing.read_checkpoint`
+        (complete, written by this library, by this class or a subclass) and loaded weights-only by default.
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            ValueError: If the file is truncated, foreign, or written by another module class.
+        """
+        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
+            from lightning.fabric.utilities.cloud_io import get_filesystem
+
+            path = str(checkpoint_path)
+            if not get_filesystem(path).exists(path):
+                raise FileNotFoundError(f"Checkpoint file not found: {path}.")
+            with get_filesystem(path).open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = checkpoint_path.read()
+            path = getattr(checkpoint_path, "name", "<in-memory checkpoint>")
+        try:
+            read_checkpoint(io.BytesIO(data), expected_class=cls, weights_only=bool(weights_only))
+        except ValueError as err:
+            raise ValueError(str(err).replace("<in-memory checkpoint>", str(path))) from err
+        return super().load_from_checkpoint(
+            io.BytesIO(data),
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
 
     def log_losses(self, losses: dict[str, Tensor], batch_size: int) -> None:
         """Log training losses as ``train/<name>``; the named terms also go to the progress bar."""

@@ -1,0 +1,169 @@
+"""Safe checkpoints: atomic writes, weights-only reads, and clear errors for truncated or foreign files.
+
+Every module of the library stamps its checkpoints with :data:`CHECKPOINT_KEY` (library version and
+module class). :func:`read_checkpoint` checks a file before anything trusts it; :class:`SafeCheckpointIO`
+is the Lightning plugin that the ``gpcps`` command installs so that training, resuming and testing all
+go through it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["CHECKPOINT_KEY", "SafeCheckpointIO", "atomic_write_bytes", "read_checkpoint"]
+
+#: Key of the library's metadata in every checkpoint its modules write.
+CHECKPOINT_KEY = "gpcps_lightning"
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and the temporary file is
+    then renamed over ``path`` (an atomic operation on POSIX and Windows file systems).
+
+    Args:
+        data: The file's content.
+        path: Destination; its folder is created if needed.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe_load_error(path: str, err: BaseException) -> str:
+    text = str(err)
+    if "Weights only load failed" in text:
+        return (
+            f"Checkpoint {path} holds Python objects other than tensors and plain data, so it was not "
+            "loaded with weights_only=True. Load it with weights_only=False only if you trust where it "
+            "came from."
+        )
+    return (
+        f"Checkpoint {path} cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}). "
+        "The file is truncated or corrupted (an interrupted copy or download?) or is not a PyTorch "
+        "checkpoint. Use another checkpoint (e.g. last.ckpt or the best one) or copy it again."
+    )
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str] | io.BytesIO,
+    *,
+    expected_class: type | None = None,
+    weights_only: bool = True,
+    map_location: Any = "cpu",
+) -> dict[str, Any]:
+    """Load a checkpoint and check that it is a complete gpcps_lightning checkpoint.
+
+    Args:
+        path: Checkpoint file (or an in-memory buffer).
+        expected_class: If given, the module class the checkpoint must have been written by (or a subclass).
+        weights_only: Refuse arbitrary pickled objects (PyTorch's safe loading). Checkpoints written by
+            the library need nothing else.
+        map_location: Where to put the tensors.
+
+    Returns:
+        The checkpoint dictionary.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file is truncated, corrupted, unsafe to load, not a Lightning checkpoint, not
+            written by gpcps_lightning, or written by another module class than ``expected_class``.
+    """
+    name = "<in-memory checkpoint>" if isinstance(path, io.BytesIO) else str(path)
+    if not isinstance(path, io.BytesIO) and not get_filesystem(str(path)).exists(str(path)):
+        raise FileNotFoundError(f"Checkpoint file not found: {name}. Check the path (and --ckpt_path).")
+    try:
+        if isinstance(path, io.BytesIO):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+        else:
+            with get_filesystem(str(path)).open(str(path), "rb") as f:
+                checkpoint = torch.load(f, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(_describe_load_error(name, err)) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{name} is not a Lightning checkpoint (it has no 'state_dict'). Pass a .ckpt file written by "
+            "a gpcps_lightning training run."
+        )
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict) or "class" not in meta:
+        raise ValueError(
+            f"{name} was not written by a gpcps_lightning module (no '{CHECKPOINT_KEY}' entry). Load it with "
+            "the LightningModule class that wrote it."
+        )
+    if expected_class is not None:
+        wanted = f"{expected_class.__module__}.{expected_class.__qualname__}"
+        if meta["class"] != wanted and not _is_subclass_name(meta["class"], expected_class):
+            short = meta["class"].rsplit(".", 1)[-1]
+            raise ValueError(
+                f"{name} holds a {meta['class']} checkpoint, not a {wanted} one. Load it with "
+                f"{short}.load_from_checkpoint(...) (or pass the matching --model.class_path)."
+            )
+    return checkpoint
+
+
+def _is_subclass_name(qualified: str, expected_class: type) -> bool:
+    module_name, _, class_name = qualified.rpartition(".")
+    try:
+        found = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(found, type) and issubclass(found, expected_class)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that writes atomically (local files) and reads with clear errors.
+
+    Writing: the checkpoint is serialised in memory, written to a temporary file in the target folder,
+    flushed, and renamed over the target, so a crash never leaves a half-written ``.ckpt``. Remote
+    paths (``s3://`` ...) fall back to Lightning's own transactional write.
+    Reading: :func:`read_checkpoint` (weights-only by default) turns truncated, corrupted and foreign
+    files into a ``ValueError`` that names the file.
+
+    Args:
+        weights_only: Load checkpoints with PyTorch's weights-only unpickler.
+    """
+
+    def __init__(self, weights_only: bool = True) -> None:
+        super().__init__()
+        self.weights_only = weights_only
+
+    def save_checkpoint(  # noqa: D102
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(buffer.getvalue(), path)
+
+    def load_checkpoint(  # noqa: D102
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        safe = self.weights_only if weights_only is None else weights_only
+        return read_checkpoint(path, weights_only=safe, map_location=map_location)

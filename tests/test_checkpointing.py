@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, weights-only reads, clear errors for truncated and foreign files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY_NET, RandomSemiDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gpcps_lightning import GPCPSModule
+from gpcps_lightning.baselines import SupervisedModule
+from gpcps_lightning.checkpointing import (
+    CHECKPOINT_KEY,
+    SafeCheckpointIO,
+    atomic_write_bytes,
+    read_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        plugins=[SafeCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
+        default_root_dir=root,
+    )
+    trainer.fit(GPCPSModule(**TINY_NET), RandomSemiDataModule())
+    return root / "last.ckpt"
+
+
+def test_checkpoint_is_stamped_and_reads_weights_only(checkpoint: Path) -> None:
+    data = read_checkpoint(checkpoint, expected_class=GPCPSModule)
+    assert data[CHECKPOINT_KEY]["class"] == "gpcps_lightning.module.GPCPSModule"
+    assert "optimizer_states" in data
+    module = GPCPSModule.load_from_checkpoint(checkpoint)
+    assert isinstance(module, GPCPSModule)
+    assert not list(checkpoint.parent.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_truncated_checkpoint_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"broken\.ckpt cannot be read.*truncated"):
+        GPCPSModule.load_from_checkpoint(broken)
+    with pytest.raises(ValueError, match="truncated"):
+        SafeCheckpointIO().load_checkpoint(broken)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        GPCPSModule.load_from_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_foreign_checkpoints_are_refused(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"holds a gpcps_lightning.module.GPCPSModule checkpoint.*GPCPSModule\.load"
+    ):
+        SupervisedModule.load_from_checkpoint(checkpoint)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, plain)
+    with pytest.raises(ValueError, match="not written by a gpcps_lightning module"):
+        GPCPSModule.load_from_checkpoint(plain)
+    weights = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        read_checkpoint(weights)
+
+
+class _Payload:
+    pass
+
+
+def test_pickled_objects_are_refused_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload()}, path)
+    with pytest.raises(ValueError, match="weights_only=False only if you trust"):
+        read_checkpoint(path)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "model.ckpt"
+    target.write_bytes(b"old")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(b"new content", target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # the temporary file was removed
+    monkeypatch.undo()
+    atomic_write_bytes(b"new content", target)
+    assert target.read_bytes() == b"new content"
