@@ -59,7 +59,7 @@ def test_truncated_checkpoint_is_a_clear_error(checkpoint: Path, tmp_path: Path)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
         GPCPSModule.load_from_checkpoint(tmp_path / "nope.ckpt")
 
 
