@@ -1,0 +1,73 @@
+"""The reproduction runner: records -> tables and plot; a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gpcps_lightning.reproduce import load_records, main, make_tables, record_path
+
+
+def _record(method: str, fraction: float, seed: int, dice: float, head: str = "ensemble") -> dict:
+    return {
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "selection_head": head,
+        "test": {f"dice_{head}": dice, f"iou_{head}": dice - 0.1},
+        "val": {f"dice_{head}": dice},
+        "wall_time_s": 1.0,
+    }
+
+
+def _write(tmp_path: Path, records: list[dict]) -> Path:
+    for r in records:
+        path = record_path(tmp_path, r["method"], r["fraction"], r["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    return tmp_path
+
+
+def test_tables_report_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    records = [
+        _record("gpcps", 0.125, 0, 0.70),
+        _record("gpcps", 0.125, 1, 0.74),
+        _record("supervised", 0.125, 0, 0.60, head="net1"),
+    ]
+    text = make_tables(load_records(_write(tmp_path, records)))
+    # mean 72.00, sample std of (70, 74) = 2.83
+    assert "| GP-CPS | 72.00 ± 2.83 (n=2) | 76.64 |" in text
+    assert "| UNet (supervised) | 60.00 (n=1) | 65.87 |" in text
+    assert "| I | UNet (supervised) | 60.00 (n=1) | 65.87 |" in text
+    assert "| IV | GP-CPS | 72.00 ± 2.83 (n=2) | 76.64 |" in text
+
+
+def test_table_command_writes_markdown_and_plot(tmp_path: Path) -> None:
+    _write(tmp_path, [_record("gpcps", f, 0, 0.5 + f) for f in (0.5, 0.25, 0.125)])
+    assert (
+        main(
+            ["table", str(tmp_path), "--markdown", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png")]
+        )
+        == 0
+    )
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "1/2 | 1/4 | 1/8" in (tmp_path / "t.md").read_text()
+
+
+def test_missing_or_broken_records_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="gpcps reproduce run"):
+        load_records(tmp_path)
+    broken = tmp_path / "records" / "x.json"
+    broken.parent.mkdir()
+    broken.write_text("{")
+    with pytest.raises(ValueError, match=r"x\.json is not valid JSON"):
+        load_records(tmp_path)
+
+
+def test_bad_run_arguments_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--fractions"):
+        main(["run", "--fractions", "1.5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["run", "--methods", "nope", "--out", str(tmp_path)])
