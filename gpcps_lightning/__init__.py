@@ -6,12 +6,14 @@ __version__ = "0.1.0.dev0"
 
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.module import GPCPSModule, SegmentationModule
+from gpcps_lightning.predict import Segmenter
 
 __all__ = [
     "EvaluationBatch",
     "GPCPSModule",
     "PredictionBatch",
     "SegmentationModule",
+    "Segmenter",
     "SemiSupervisedBatch",
     "__version__",
 ]

@@ -21,6 +21,7 @@ Other commands are dispatched to their modules: ``gpcps bench ...`` (:mod:`gpcps
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +64,12 @@ def _class_from_path(class_path: str) -> type | None:
     except (ImportError, AttributeError, ValueError):
         return None  # jsonargparse reports bad class paths itself
     return cls if isinstance(cls, type) else None
+
+
+def _is_wandb_logger(config: Any) -> bool:
+    class_path = config.get("class_path") if hasattr(config, "get") else None
+    cls = _class_from_path(class_path) if isinstance(class_path, str) else None
+    return cls is not None and issubclass(cls, _LightningWandbLogger)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -126,14 +133,33 @@ class GPCPSCLI(LightningCLI):
         return parser
 
     def before_instantiate_classes(self) -> None:
-        """Switch W&B to offline mode (with a message) when a W&B logger is configured without a login."""
+        """Prepare W&B loggers: offline mode without a login, Lightning's default logger when W&B is off.
+
+        Without W&B credentials and with ``WANDB_MODE`` unset, W&B is switched to offline mode with a
+        one-line message. With ``WANDB_MODE=disabled``, W&B loggers are replaced by Lightning's default
+        logger (TensorBoard if installed, else CSV, in ``trainer.default_root_dir``), with a message, so
+        the metrics are still written somewhere.
+        """
         config = self.config.get(str(self.subcommand), self.config)
-        trainer_config = config.get("trainer") or {}
-        for logger in _as_list(trainer_config.get("logger")):
-            class_path = logger.get("class_path") if hasattr(logger, "get") else None
-            cls = _class_from_path(class_path) if isinstance(class_path, str) else None
-            if cls is None or not issubclass(cls, _LightningWandbLogger):
-                continue
+        trainer_config = config.get("trainer")
+        if trainer_config is None:
+            return
+        loggers = _as_list(trainer_config.get("logger"))
+        wandb_loggers = [logger for logger in loggers if _is_wandb_logger(logger)]
+        if not wandb_loggers:
+            return
+        if os.environ.get("WANDB_MODE", "").lower() == "disabled":
+            kept = [logger for logger in loggers if not _is_wandb_logger(logger)]
+            trainer_config["logger"] = kept if kept else True
+            root = trainer_config.get("default_root_dir") or "."
+            print(
+                f"gpcps: WANDB_MODE=disabled, so the W&B logger is replaced by "
+                f"{'the other configured loggers' if kept else 'TensorBoard/CSV logging'} in {root}.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        for logger in wandb_loggers:
             init_args = logger.get("init_args") or {}
             if not init_args.get("offline", False):
                 resolve_wandb_mode(init_args.get("save_dir") or init_args.get("dir"))
@@ -162,10 +188,12 @@ class GPCPSCLI(LightningCLI):
         if isinstance(callback, BestCheckpoint) and not callback.best_model_path:
             found = callback.find_best_checkpoint(self.trainer)
             if found is None:
-                raise FileNotFoundError(
-                    f"--ckpt_path best: no best checkpoint in {callback.resolve_dirpath(self.trainer)!r}. "
-                    "Train first (gpcps fit with the same --trainer.default_root_dir) or pass a .ckpt path."
-                )
+                folder = callback.resolve_dirpath(self.trainer)
+                if "{" in (callback.filename or ""):
+                    hint = "checkpoint.filename has {fields}, so pass the .ckpt path of the best checkpoint"
+                else:
+                    hint = "train first (gpcps fit, same --trainer.default_root_dir) or pass a .ckpt path"
+                raise FileNotFoundError(f"--ckpt_path best: no best checkpoint found in {folder!r}; {hint}.")
             callback.best_model_path = found
 
     def before_validate(self) -> None:  # noqa: D102

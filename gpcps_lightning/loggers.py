@@ -8,8 +8,8 @@ be uploaded later with ``wandb sync``. Setting ``WANDB_MODE`` yourself (``online
 ``disabled``) always wins.
 
 The ``gpcps`` command applies this to any :class:`lightning.pytorch.loggers.WandbLogger` in a config;
-:class:`WandbLogger` here applies it in any Lightning program (a plain ``Trainer`` or a user's own
-``LightningCLI``).
+:class:`OfflineFallbackWandbLogger` applies it in any Lightning program (a plain ``Trainer`` or a user's
+own ``LightningCLI``). It has its own name so that ``--trainer.logger WandbLogger`` stays unambiguous.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["WandbLogger", "resolve_wandb_mode", "wandb_api_key_configured"]
+__all__ = ["OfflineFallbackWandbLogger", "resolve_wandb_mode", "wandb_api_key_configured"]
 
 _DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -94,7 +94,7 @@ def resolve_wandb_mode(save_dir: str | os.PathLike[str] | None = None) -> str:
     return "offline"
 
 
-class WandbLogger(_LightningWandbLogger):
+class OfflineFallbackWandbLogger(WandbLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger`, going offline when there is no W&B login.
 
     Accepts exactly the arguments of Lightning's logger (``project``, ``name``, ``save_dir``, ``offline``,

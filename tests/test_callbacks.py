@@ -270,10 +270,10 @@ def test_wandb_mode_respects_key_netrc_and_env(
 def test_wandb_logger_subclass(no_wandb_login: Path) -> None:
     import os
 
-    logger = gp_loggers.WandbLogger(project="p", save_dir=str(no_wandb_login.parent))
+    logger = gp_loggers.OfflineFallbackWandbLogger(project="p", save_dir=str(no_wandb_login.parent))
     assert os.environ["WANDB_MODE"] == "offline" and logger.name == "p"
     with pytest.raises(ValueError, match="log_model"):
-        gp_loggers.WandbLogger(project="p", log_model=True)
+        gp_loggers.OfflineFallbackWandbLogger(project="p", log_model=True)
 
 
 def _chunk(kind: int, payload: bytes) -> bytes:

@@ -272,6 +272,54 @@ def test_predict_writes_binary_masks_at_original_size(trained: Path, tmp_path: P
         assert np.mean((mask == 255) == expected) > 0.999, name
 
 
+def test_predict_folder_example(trained: Path, tmp_path: Path) -> None:
+    example = _load_example("predict_folder")
+    images = tmp_path / "images"
+    sizes = _write_images(images)
+    out = tmp_path / "out"
+    ckpt = str(trained / "checkpoints" / "best.ckpt")
+    written = example.main([ckpt, str(images), "--out", str(out), "--overlay", "--device", "cpu"])
+    assert len(written) == len(sizes)
+    for name, (h, w) in sizes.items():
+        assert Image.open(out / "masks" / f"{Path(name).stem}.png").size == (w, h)
+        assert Image.open(out / "overlays" / f"{Path(name).stem}.png").size == (w, h)
+
+
+def _load_example(name: str) -> types.ModuleType:
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_own_project_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpcps_lightning.testing import RandomSquaresDataModule
+
+    class StandIn(RandomSquaresDataModule):
+        # Stands in for gpcps_lightning.data.SyntheticPolypDataModule (same constructor arguments) so
+        # that the example's wiring is tested on its own.
+        def __init__(
+            self, batch_size: int, image_size: int, labeled_fraction: float, steps_per_epoch: int, seed: int
+        ):
+            super().__init__(
+                batch_size, image_size, num_train=batch_size * steps_per_epoch, num_val=2, seed=seed
+            )
+
+    monkeypatch.setitem(
+        sys.modules, "gpcps_lightning.data", types.SimpleNamespace(SyntheticPolypDataModule=StandIn)
+    )
+    example = _load_example("train_own_project")
+    args = ["--out", str(tmp_path), "--max-epochs", "1", "--steps-per-epoch", "2", "--image-size", "32"]
+    results = example.main([*args, "--batch-size", "2"])
+    assert 0.0 <= results["test/dice_ensemble"] <= 1.0
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert (tmp_path / "predictions.png").is_file()
+
+
 # ----------------------------------------------------------------------------- W&B
 def test_wandb_offline_without_login_logs_metrics_and_panels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
@@ -317,6 +365,22 @@ def test_wandb_offline_without_login_logs_metrics_and_panels(
     panels = [row for row in run["history"] if "val/predictions/filenames" in row]
     assert len(panels) == 1
     assert (run_dir / "files" / panels[0]["val/predictions/filenames"][0]).is_file()
+
+
+def test_wandb_disabled_falls_back_to_default_logger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["--config", TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "WandbLogger"]
+    cli = GPCPSCLI(args=args, run=False)
+    assert isinstance(cli.trainer.logger, (TensorBoardLogger, CSVLogger))
+    assert Path(cli.trainer.logger.save_dir) == tmp_path
+    assert "WANDB_MODE=disabled, so the W&B logger is replaced" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = GPCPSCLI(args=args, run=False)
+    assert isinstance(cli.trainer.logger, WandbLogger)
 
 
 # ----------------------------------------------------------------------------- other commands
