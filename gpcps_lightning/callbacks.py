@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
@@ -284,7 +284,7 @@ class BestCheckpoint(ModelCheckpoint):
         # same step, so without an improvement last.ckpt would fall behind and a resume would go back.
         if (
             not self.save_last
-            or trainer.fast_dev_run
+            or getattr(trainer, "fast_dev_run", False)
             or trainer.sanity_checking
             or trainer.state.fn != TrainerFn.FITTING
             or self._last_saved_step == trainer.global_step
@@ -361,9 +361,11 @@ class ValidationImagePanel(_FixedValidationImages):
     """Every few epochs, log fixed validation images with ground-truth and prediction overlays.
 
     The panel has one row per image: the image, the ground truth (green) and the prediction (red) of
-    the module's predicting head. It goes to each logger: W&B (``wandb.Image`` under ``key``),
-    TensorBoard (``add_image``); for any other logger, or none, it is written as a PNG file to
-    ``output_dir`` (default ``<trainer.log_dir or default_root_dir>/panels``).
+    the module's predicting head. The images are the first ones the validation loader yields, the same
+    every epoch when the loader does not shuffle (Lightning's default for validation). It goes to each
+    logger: W&B (``wandb.Image`` under ``key``), TensorBoard (``add_image``); for any other logger, or
+    none, it is written as a PNG file to ``output_dir`` (default
+    ``<trainer.log_dir or default_root_dir>/panels``).
 
     Args:
         every_n_epochs: Log at the validation of epoch 0 and every this many epochs after; 0 switches
@@ -409,7 +411,8 @@ class ValidationImagePanel(_FixedValidationImages):
             f"epoch {trainer.current_epoch}, step {trainer.global_step}: image | ground truth | prediction"
         )
         wrote_png = False
-        for logger in trainer.loggers or [None]:
+        loggers: list[Logger | None] = list(trainer.loggers) or [None]
+        for logger in loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(self.key, [panel], step=trainer.global_step, caption=[caption])
             elif isinstance(logger, TensorBoardLogger):

@@ -53,6 +53,9 @@ class ExportedHead(nn.Module):
         - output: (N, 1, H, W) float32 in [0, 1]
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self, module: SegmentationModule, head: str | None = None, preprocessing: Preprocessing | None = None
     ) -> None:
@@ -67,10 +70,10 @@ class ExportedHead(nn.Module):
         self.normalize = preprocessing is not None
         mean = preprocessing.mean if preprocessing is not None else (0.0, 0.0, 0.0)
         std = preprocessing.std if preprocessing is not None else (1.0, 1.0, 1.0)
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        device = next(module.parameters()).device
+        for name, values in (("mean", mean), ("std", std)):
+            tensor = torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:  # noqa: D102
         if self.normalize:

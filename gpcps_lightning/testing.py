@@ -229,7 +229,7 @@ def read_wandb_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     finished = False
     for raw in _wandb_records(files[0]):
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "history":

@@ -296,6 +296,7 @@ def _load_example(name: str) -> types.ModuleType:
     return module
 
 
+@pytest.mark.slow  # a full-size ResNet-18 UNet, as a user would train it
 def test_train_own_project_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gpcps_lightning.testing import RandomSquaresDataModule
 
