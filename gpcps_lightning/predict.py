@@ -1,0 +1,475 @@
+"""Segment in-memory images with a trained module: masks come back at each image's original size.
+
+The preprocessing is the datamodules' (RGB, resize to the training size, scale to [0, 1], normalise with
+the datamodule's ``mean``/``std``). Its parameters are read from the checkpoint when the datamodule saved
+its hyperparameters (the ``gpcps`` command and any datamodule that calls ``save_hyperparameters`` do);
+otherwise they are given explicitly.
+
+Example:
+    >>> from gpcps_lightning.predict import Segmenter
+    >>> segmenter = Segmenter.from_checkpoint("runs/quickstart/checkpoints/best.ckpt")  # doctest: +SKIP
+    >>> masks = segmenter([pil_image, numpy_image])  # doctest: +SKIP
+    >>> masks[0].shape == (pil_image.height, pil_image.width)  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from gpcps_lightning.module import SegmentationModule
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageLike",
+    "Preprocessing",
+    "Segmenter",
+    "list_images",
+    "load_module",
+    "preprocess",
+    "read_checkpoint",
+    "read_image",
+    "resize_to_original",
+    "to_rgb_array",
+]
+
+#: An image the prediction helpers accept: a PIL image (any mode) or a uint8 array (H, W, 3) or (H, W).
+ImageLike = Image.Image | np.ndarray
+
+#: File suffixes of the image formats read from a folder (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """The image files of a folder (not recursive, suffixes :data:`IMAGE_SUFFIXES`), sorted by name.
+
+    Raises:
+        FileNotFoundError: If the folder does not exist or holds no image.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {os.fspath(folder)!r} does not exist.")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(
+            f"Image folder {os.fspath(folder)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})."
+        )
+    return files
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as uint8 RGB, with tifffile for TIFFs that Pillow cannot decode.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Array of shape (H, W, 3), dtype uint8 (16-bit or float TIFFs are min-max scaled to 0-255).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it cannot be decoded.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Image {os.fspath(path)!r} does not exist.")
+    try:
+        with Image.open(file) as image:
+            return to_rgb_array(image)
+    except (OSError, ValueError) as err:
+        pil_error = err
+    if file.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            array = np.asarray(tifffile.imread(file))
+        except Exception as err:  # tifffile raises several types on corrupt input
+            raise ValueError(f"Cannot decode image {os.fspath(path)!r}: {err}") from err
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)  # planar (C, H, W) TIFF
+        if array.dtype != np.uint8:
+            array = array.astype(np.float64)
+            span = float(array.max() - array.min())
+            array = np.round(255.0 * (array - array.min()) / (span if span > 0 else 1.0)).astype(np.uint8)
+        return to_rgb_array(array)
+    raise ValueError(f"Cannot decode image {os.fspath(path)!r}: {pil_error}")
+
+
+def _pair(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        pair = (int(size), int(size))
+    elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+        pair = (int(size[0]), int(size[1]))
+    else:
+        raise ValueError(f"`{name}` must be an int or a (height, width) pair, got {size!r}.")
+    if min(pair) < 1:
+        raise ValueError(f"`{name}` must be positive, got {size!r}.")
+    return pair
+
+
+def _triple(values: float | Sequence[float], name: str) -> tuple[float, float, float]:
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return (float(values),) * 3
+    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3:
+        return (float(values[0]), float(values[1]), float(values[2]))
+    raise ValueError(f"`{name}` must be a number or three numbers (one per RGB channel), got {values!r}.")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into network input: the datamodule's training size and normalisation.
+
+    Args:
+        image_size: Training size as ``(height, width)`` (an int means a square).
+        mean: Per-channel mean of the normalisation, for images scaled to [0, 1].
+        std: Per-channel standard deviation of the normalisation.
+
+    Raises:
+        ValueError: On a non-positive size or standard deviation, or a wrong number of values.
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(
+        self, image_size: int | Sequence[int], mean: float | Sequence[float], std: float | Sequence[float]
+    ) -> None:
+        object.__setattr__(self, "image_size", _pair(image_size))
+        object.__setattr__(self, "mean", _triple(mean, "mean"))
+        std3 = _triple(std, "std")
+        if min(std3) <= 0:
+            raise ValueError(f"`std` must be positive, got {std!r}.")
+        object.__setattr__(self, "std", std3)
+
+    @classmethod
+    def from_hparams(
+        cls,
+        hparams: Mapping[str, Any] | None,
+        image_size: int | Sequence[int] | None = None,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        source: str = "the checkpoint",
+    ) -> Preprocessing:
+        """Take each parameter from the explicit argument, else from datamodule hyperparameters.
+
+        Args:
+            hparams: The datamodule's hyperparameters (``checkpoint["datamodule_hyper_parameters"]`` or
+                ``datamodule.hparams``), or ``None``.
+            image_size: Explicit training size; overrides ``hparams``.
+            mean: Explicit normalisation mean; overrides ``hparams``.
+            std: Explicit normalisation standard deviation; overrides ``hparams``.
+            source: Where ``hparams`` came from, for the error message.
+
+        Returns:
+            The preprocessing.
+
+        Raises:
+            ValueError: If a parameter is neither given nor found in ``hparams``.
+        """
+        found = dict(hparams or {})
+        values = {"image_size": image_size, "mean": mean, "std": std}
+        missing = []
+        for key, value in values.items():
+            if value is None:
+                values[key] = found.get(key)
+            if values[key] is None:
+                missing.append(key)
+        if missing:
+            raise ValueError(
+                f"{source} does not record the datamodule's {', '.join(missing)} (the datamodule did not "
+                "save "
+                "its hyperparameters); pass them explicitly, with the values the model was trained with "
+                "(e.g. image_size=256, mean=..., std=...)."
+            )
+        return cls(values["image_size"], values["mean"], values["std"])  # type: ignore[arg-type]
+
+    @classmethod
+    def from_datamodule(cls, datamodule: Any) -> Preprocessing:
+        """The preprocessing of a datamodule that has ``image_size``, ``mean`` and ``std`` attributes.
+
+        Raises:
+            ValueError: If the datamodule lacks one of them.
+        """
+        hparams = {k: getattr(datamodule, k, None) for k in ("image_size", "mean", "std")}
+        return cls.from_hparams(hparams, source=type(datamodule).__name__)
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Convert an image to a uint8 RGB array.
+
+    PIL images of any mode are converted to RGB; arrays must be uint8 of shape (H, W) (grayscale,
+    replicated to 3 channels), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped).
+
+    Args:
+        image: The image.
+
+    Returns:
+        Array of shape (H, W, 3), dtype uint8.
+
+    Raises:
+        TypeError: If ``image`` is neither a PIL image nor a numpy array, or the array is not uint8.
+        ValueError: If the array has another shape or is empty.
+    """
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy, for torch.from_numpy
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
+    if image.dtype != np.uint8:
+        raise TypeError(
+            f"Image arrays must be uint8 (0-255), got {image.dtype}; convert with "
+            "(array * 255).round().astype(np.uint8) if it holds values in [0, 1]."
+        )
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+        raise ValueError(
+            f"Image arrays must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}."
+        )
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def preprocess(
+    images: Sequence[ImageLike], preprocessing: Preprocessing
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Turn images of any size into one normalised batch at the training size.
+
+    Each image is scaled to [0, 1], resized (bilinear, antialiased) to ``preprocessing.image_size`` and
+    normalised with ``preprocessing.mean`` / ``std``.
+
+    Args:
+        images: The images (see :func:`to_rgb_array` for what is accepted).
+        preprocessing: Training size and normalisation.
+
+    Returns:
+        The batch and each image's original ``(height, width)``.
+
+    Raises:
+        ValueError: If ``images`` is empty.
+
+    Shape:
+        - output: (N, 3, H, W), float32, with (H, W) = ``preprocessing.image_size``.
+    """
+    if len(images) == 0:
+        raise ValueError("`images` is empty: give at least one image.")
+    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
+    tensors, sizes = [], []
+    for image in images:
+        array = to_rgb_array(image)
+        sizes.append((int(array.shape[0]), int(array.shape[1])))
+        x = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        if tuple(x.shape[-2:]) != preprocessing.image_size:
+            x = F.interpolate(
+                x, size=preprocessing.image_size, mode="bilinear", align_corners=False, antialias=True
+            )
+        tensors.append(x)
+    return (torch.cat(tensors) - mean) / std, sizes
+
+
+def resize_to_original(probabilities: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Resize probabilities (not binary masks) back to each image's original size.
+
+    Args:
+        probabilities: Foreground probabilities at the training size.
+        sizes: Each image's original ``(height, width)``.
+
+    Returns:
+        One (h_i, w_i) float tensor per image.
+
+    Raises:
+        ValueError: If the number of sizes differs from the batch size.
+
+    Shape:
+        - probabilities: (N, 1, H, W)
+    """
+    if probabilities.ndim != 4 or probabilities.shape[1] != 1:
+        raise ValueError(f"`probabilities` must have shape (N, 1, H, W), got {tuple(probabilities.shape)}.")
+    if len(sizes) != probabilities.shape[0]:
+        raise ValueError(f"Got {len(sizes)} original sizes for a batch of {probabilities.shape[0]} images.")
+    out = []
+    for p, size in zip(probabilities, sizes, strict=True):
+        size = (int(size[0]), int(size[1]))
+        if tuple(p.shape[-2:]) != size:
+            p = F.interpolate(p[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        out.append(p[0].float())
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU without unpickling arbitrary objects (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is unreadable, truncated, or not a Lightning checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {os.fspath(path)!r} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(
+            f"Could not read checkpoint {os.fspath(path)!r} ({type(err).__name__}: {err}). "
+            "Give a .ckpt file written by Lightning (e.g. runs/<name>/checkpoints/best.ckpt)."
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{os.fspath(path)!r} is not a Lightning checkpoint (it has no 'state_dict').")
+    return checkpoint
+
+
+def load_module(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    model_class: type[SegmentationModule] | None = None,
+) -> SegmentationModule:
+    """Build the module a checkpoint was trained with and load its weights (on the CPU, in eval mode).
+
+    The class comes from the checkpoint when the ``gpcps`` command (any ``LightningCLI``) wrote it;
+    a checkpoint from a plain ``Trainer`` does not record it, so ``model_class`` is needed then.
+
+    Args:
+        checkpoint: Path of a ``.ckpt`` file or an already loaded checkpoint dictionary.
+        model_class: The :class:`SegmentationModule` subclass to build (e.g. ``GPCPSModule``); required
+            only when the checkpoint does not name its class.
+
+    Returns:
+        The module.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a Lightning checkpoint or names no class and ``model_class`` is missing.
+    """
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if model_class is not None:
+        hparams.pop("_class_path", None)
+        module = model_class(**hparams)
+    elif "_class_path" in hparams:
+        from lightning.pytorch.cli import instantiate_module
+
+        module = instantiate_module(SegmentationModule, hparams)
+    else:
+        raise ValueError(
+            "The checkpoint does not record which module class wrote it (it was not saved by the gpcps "
+            "command); pass the class, e.g. model_class=GPCPSModule."
+        )
+    if not isinstance(module, SegmentationModule):
+        raise TypeError(
+            f"Expected a SegmentationModule subclass, the checkpoint built {type(module).__name__}."
+        )
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
+
+
+class Segmenter:
+    """Segment in-memory images with a trained :class:`SegmentationModule`.
+
+    Args:
+        module: The trained module (its predicting head is used: the ensemble for GP-CPS).
+        preprocessing: Training size and normalisation of the datamodule it was trained with.
+        threshold: Probability threshold of the binary masks; defaults to ``module.threshold``.
+        device: Where to run (default: CUDA if available, else CPU).
+        batch_size: Images per forward pass.
+
+    Raises:
+        ValueError: On a threshold outside (0, 1) or a batch size below 1.
+    """
+
+    def __init__(
+        self,
+        module: SegmentationModule,
+        preprocessing: Preprocessing,
+        threshold: float | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.threshold = float(getattr(module, "threshold", 0.5) if threshold is None else threshold)
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"`threshold` must be in (0, 1), got {self.threshold}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module = module.to(self.device).eval()
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        image_size: int | Sequence[int] | None = None,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        model_class: type[SegmentationModule] | None = None,
+        **kwargs: Any,
+    ) -> Segmenter:
+        """Load a checkpoint and take the preprocessing from it (explicit arguments override it).
+
+        Args:
+            path: The ``.ckpt`` file.
+            image_size: Training size, needed if the checkpoint holds no datamodule hyperparameters.
+            mean: Normalisation mean, likewise.
+            std: Normalisation standard deviation, likewise.
+            model_class: Module class, needed if the checkpoint does not name it (see :func:`load_module`).
+            **kwargs: ``threshold``, ``device``, ``batch_size`` of :class:`Segmenter`.
+
+        Returns:
+            The segmenter.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: If the checkpoint is unreadable or lacks what is not given explicitly.
+        """
+        ckpt = read_checkpoint(path)
+        preprocessing = Preprocessing.from_hparams(
+            ckpt.get("datamodule_hyper_parameters"),
+            image_size,
+            mean,
+            std,
+            source=f"Checkpoint {os.fspath(path)!r}",
+        )
+        return cls(load_module(ckpt, model_class), preprocessing, **kwargs)
+
+    @torch.no_grad()
+    def predict_probabilities(self, images: Sequence[ImageLike] | ImageLike) -> list[np.ndarray]:
+        """Foreground probabilities of each image at its original size.
+
+        Args:
+            images: One image or a sequence of images of any sizes.
+
+        Returns:
+            One float32 array (h_i, w_i) in [0, 1] per image.
+        """
+        if isinstance(images, (Image.Image, np.ndarray)):
+            images = [images]
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            x, sizes = preprocess(chunk, self.preprocessing)
+            probs = self.module(x.to(self.device))
+            out.extend(p.cpu().numpy() for p in resize_to_original(probs, sizes))
+        return out
+
+    def __call__(self, images: Sequence[ImageLike] | ImageLike) -> list[np.ndarray]:
+        """Binary masks of each image at its original size.
+
+        Args:
+            images: One image or a sequence of images of any sizes.
+
+        Returns:
+            One bool array (h_i, w_i) per image: ``probability >= threshold``.
+        """
+        return [p >= self.threshold for p in self.predict_probabilities(images)]

@@ -1,0 +1,243 @@
+"""A tiny random datamodule for smoke tests of the command line, callbacks and examples.
+
+:class:`RandomSquaresDataModule` follows the datamodule contract of the library (the batch classes of
+:mod:`gpcps_lightning.batch`, ``mean``/``std``/``image_size``, ``denormalize``, ``predict_dir``) with
+generated images: a brighter square on noise. It trains in seconds on a CPU and needs no files, which
+is what configs in tests want; use :mod:`gpcps_lightning.data` for real data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
+from gpcps_lightning.predict import Preprocessing, list_images, preprocess, read_image
+
+__all__ = ["RandomSquaresDataModule", "read_wandb_run"]
+
+
+def _square_sample(index: int, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed * 100_003 + index)
+    mask = torch.zeros(1, size, size)
+    side = int(torch.randint(size // 4, size // 2 + 1, (1,), generator=g))
+    top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
+    mask[:, top : top + side, left : left + side] = 1.0
+    image = 0.6 * torch.rand(3, size, size, generator=g) + 0.4 * mask
+    return image, mask, torch.rand(3, size, size, generator=g)
+
+
+class _Squares(Dataset):
+    def __init__(self, length: int, size: int, seed: int) -> None:
+        self.length, self.size, self.seed = length, size, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        return _square_sample(index, self.size, self.seed)
+
+
+class _Folder(Dataset):
+    def __init__(self, files: list[Path], preprocessing: Preprocessing) -> None:
+        self.files, self.preprocessing = files, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, tuple[int, int], str]:
+        path = self.files[index]
+        x, sizes = preprocess([read_image(path)], self.preprocessing)
+        return x[0], sizes[0], path.name
+
+
+class RandomSquaresDataModule(L.LightningDataModule):
+    """Random images with a brighter square as the object, in the library's batch format.
+
+    Args:
+        batch_size: Labeled (and unlabeled) images per training step; images per evaluation batch.
+        image_size: Side of the square training images.
+        num_train: Training images per epoch (each step takes a labeled and an unlabeled batch).
+        num_val: Validation (and test) images.
+        seed: Seed of the generated images.
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation standard deviation.
+        predict_dir: Folder of images of any size to segment in ``predict``.
+        eval_original_sizes: Sizes ``(h, w)`` to which validation masks are resized, cycled over the
+            images, so metrics are computed "at the original size" as with real data (empty: at the
+            training size).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 2,
+        image_size: int = 32,
+        num_train: int = 8,
+        num_val: int = 4,
+        seed: int = 0,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
+        predict_dir: str | None = None,
+        eval_original_sizes: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.num_train, self.num_val, self.seed = num_train, num_val, seed
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.predict_dir = predict_dir
+        self.eval_original_sizes = [tuple(s) for s in eval_original_sizes]
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """Undo the normalisation: images in [0, 1] for drawing.
+
+        Shape:
+            - images: (N, 3, H, W)
+        """
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images * std + mean).clamp(0.0, 1.0)
+
+    def _collate_train(self, items: list[tuple[Tensor, Tensor, Tensor]]) -> SemiSupervisedBatch:
+        labeled, mask, unlabeled = (torch.stack(x) for x in zip(*items, strict=True))
+        return SemiSupervisedBatch(
+            labeled=self._normalize(labeled), mask=mask, unlabeled=self._normalize(unlabeled)
+        )
+
+    def _collate_eval(self, items: list[tuple[Tensor, Tensor, Tensor]]) -> EvaluationBatch:
+        image, mask, _ = (torch.stack(x) for x in zip(*items, strict=True))
+        original = None
+        if self.eval_original_sizes:
+            sizes = self.eval_original_sizes
+            original = [
+                (
+                    torch.nn.functional.interpolate(m[None], size=sizes[i % len(sizes)], mode="nearest")[0]
+                    >= 0.5
+                ).float()
+                for i, m in enumerate(mask)
+            ]
+        return EvaluationBatch(
+            image=self._normalize(image),
+            mask=mask,
+            original_masks=original,
+            names=[str(i) for i in range(len(items))],
+        )
+
+    def _collate_predict(self, items: list[tuple[Tensor, tuple[int, int], str]]) -> PredictionBatch:
+        images, sizes, names = zip(*items, strict=True)
+        return PredictionBatch(image=torch.stack(images), original_sizes=list(sizes), names=list(names))
+
+    def train_dataloader(self) -> DataLoader:  # noqa: D102
+        data = _Squares(self.num_train, self.image_size, self.seed)
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            data, batch_size=self.batch_size, shuffle=True, generator=g, collate_fn=self._collate_train
+        )
+
+    def val_dataloader(self) -> DataLoader:  # noqa: D102
+        data = _Squares(self.num_val, self.image_size, self.seed + 1)
+        return DataLoader(data, batch_size=self.batch_size, collate_fn=self._collate_eval)
+
+    test_dataloader = val_dataloader
+
+    def predict_dataloader(self) -> DataLoader:  # noqa: D102
+        if self.predict_dir is None:
+            raise ValueError("Set `predict_dir` (--data.predict_dir) to the folder of images to segment.")
+        preprocessing = Preprocessing(self.image_size, self.mean, self.std)
+        data = _Folder(list_images(self.predict_dir), preprocessing)
+        return DataLoader(data, batch_size=self.batch_size, collate_fn=self._collate_predict)
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    # The .wandb transaction log is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then
+    # 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle,
+    # 4 last); block tails shorter than a chunk header are zero padding.
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{os.fspath(path)!r} is not a W&B transaction log (.wandb file).")
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:  # zero padding up to the end of the block
+            pos += left - 7
+            continue
+        if pos + length > len(data):
+            break  # a chunk still being written: stop at the last complete record
+        chunk, pos = data[pos : pos + length], pos + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            records.append(pending + chunk)
+            pending = b""
+        else:
+            raise ValueError(f"{os.fspath(path)!r}: unknown chunk type {kind} at byte {pos - length - 7}.")
+    return records
+
+
+def read_wandb_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read back what a W&B run (offline or online) wrote locally: history rows, config and summary.
+
+    Parses the run's ``run-<id>.wandb`` transaction log with the protobuf classes that ship with
+    ``wandb``, so it works without a W&B server or login (``wandb sync`` reads the same file).
+
+    Args:
+        run_dir: The run folder, e.g. ``<save_dir>/wandb/offline-run-<date>-<id>``.
+
+    Returns:
+        ``{"history": [row, ...], "config": {...}, "summary": {...}, "finished": bool}`` with JSON-decoded
+        values (nested keys joined with ``/``); ``finished`` says whether the run's exit record was written
+        (a run still being written is read up to its last complete record).
+
+    Raises:
+        FileNotFoundError: If the folder holds no ``.wandb`` file.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    files = sorted(Path(run_dir).glob("*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"No .wandb file in {os.fspath(run_dir)!r}: is it a W&B run folder?")
+
+    def key(item: Any) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    history: list[dict[str, Any]] = []
+    config: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    finished = False
+    for raw in _wandb_records(files[0]):
+        record = pb.Record()  # type: ignore[attr-defined]
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "config":
+            config.update({key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "summary":
+            summary.update({key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "exit":
+            finished = True
+    return {"history": history, "config": config, "summary": summary, "finished": finished}
