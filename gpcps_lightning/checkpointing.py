@@ -11,15 +11,15 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from gpcps_lightning._io import atomic_path
 
 __all__ = ["CHECKPOINT_KEY", "SafeCheckpointIO", "atomic_write_bytes", "read_checkpoint"]
 
@@ -30,25 +30,17 @@ CHECKPOINT_KEY = "gpcps_lightning"
 def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one.
 
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the temporary file is
-    then renamed over ``path`` (an atomic operation on POSIX and Windows file systems).
+    The bytes go to a temporary file in the same folder (see :func:`gpcps_lightning._io.atomic_path`),
+    are flushed to disk, and the temporary file is then renamed over ``path``.
 
     Args:
         data: The file's content.
         path: Destination; its folder is created if needed.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _describe_load_error(path: str, err: BaseException) -> str:

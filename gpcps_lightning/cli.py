@@ -8,7 +8,9 @@ YAML files work in a user's own ``LightningCLI``. On top of Lightning's options 
   selection head, plus ``last.ckpt``, in ``<default_root_dir>/checkpoints``);
 - ``--image_panel.*``: :class:`~gpcps_lightning.callbacks.ValidationImagePanel`;
 - ``--progress_bar.*``: :class:`~gpcps_lightning.callbacks.LossProgressBar`;
-- ``predict`` only: ``--prediction_writer.*``: :class:`~gpcps_lightning.callbacks.PredictionWriter`.
+- ``predict`` only: ``--prediction_writer.*``: :class:`~gpcps_lightning.callbacks.PredictionWriter`;
+- :class:`~gpcps_lightning.checkpointing.SafeCheckpointIO` as the checkpoint I/O plugin (atomic writes,
+  weights-only reads, clear errors for truncated or foreign checkpoints) unless the config sets another.
 
 ``--ckpt_path best`` also works in a process that did not train (it takes the newest ``best*.ckpt`` of
 the checkpoint folder), and W&B goes offline with a message when there is no W&B login.
@@ -30,9 +32,11 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from gpcps_lightning import __version__
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, PredictionWriter, ValidationImagePanel
+from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.loggers import resolve_wandb_mode
 from gpcps_lightning.module import SegmentationModule
 
@@ -178,6 +182,10 @@ class GPCPSCLI(LightningCLI):
             ):
                 continue  # the config brings its own progress bar
             kept.append(callback)
+        plugins = _as_list(config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            # Atomic writes and clear errors for truncated or foreign checkpoints (docs/errors.md).
+            config = {**config, "plugins": [*plugins, SafeCheckpointIO()]}
         return super()._instantiate_trainer(config, kept)
 
     def _resolve_best(self) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 from gpcps_lightning import GPCPSModule, SegmentationModule, __version__
 from gpcps_lightning import cli as cli_module
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, ValidationImagePanel
+from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.cli import GPCPSCLI, main
 from gpcps_lightning.predict import Segmenter
 from gpcps_lightning.testing import read_wandb_run
@@ -127,7 +128,8 @@ def test_default_callbacks_and_their_opt_outs() -> None:
     types_ = [type(c) for c in cli.trainer.callbacks]
     assert BestCheckpoint in types_ and LossProgressBar in types_ and ValidationImagePanel in types_
     assert isinstance(cli.model, GPCPSModule)
-    assert cli.model.hparams["encoder_name"] == "resnet18"
+    assert cli.model.hparams["encoder_name"] == "tu-resnet18"
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
 
     cli = GPCPSCLI(
         args=[
@@ -149,7 +151,7 @@ def test_model_defaults_to_gpcps(tmp_path: Path) -> None:
             "--data",
             "gpcps_lightning.testing.RandomSquaresDataModule",
             "--model.encoder_name",
-            "resnet18",
+            "tu-resnet18",
             "--model.network_kwargs",
             "{encoder_depth: 3, decoder_channels: [16, 8, 4]}",
             "--model.lambda_semi",
