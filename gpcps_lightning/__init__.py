@@ -5,13 +5,17 @@ from __future__ import annotations
 __version__ = "0.1.0.dev0"
 
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
+from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule
 from gpcps_lightning.module import GPCPSModule, SegmentationModule
 
 __all__ = [
     "EvaluationBatch",
+    "FolderDataModule",
     "GPCPSModule",
+    "KvasirSEGDataModule",
     "PredictionBatch",
     "SegmentationModule",
     "SemiSupervisedBatch",
+    "SyntheticPolypDataModule",
     "__version__",
 ]
