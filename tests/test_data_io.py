@@ -86,7 +86,9 @@ def test_read_jpeg_mask(tmp_path: Path) -> None:
 
 def test_read_tiff_masks_pillow_cannot_decode(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "m.tif", MASK.astype(np.float32))
-    tifffile.imwrite(tmp_path / "m3.tiff", np.repeat(MASK[..., None], 3, -1).astype(np.float32), photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "m3.tiff", np.repeat(MASK[..., None], 3, -1).astype(np.float32), photometric="rgb"
+    )
     np.testing.assert_array_equal(read_mask(tmp_path / "m.tif"), MASK)
     np.testing.assert_array_equal(read_mask(tmp_path / "m3.tiff"), MASK)
 
@@ -226,8 +228,10 @@ def test_size_mismatch_names_both_files(tmp_path: Path) -> None:
     write_pairs(tmp_path, 2, sizes=[(20, 30)])
     Image.fromarray(np.zeros((21, 30), np.uint8)).save(tmp_path / "masks" / "img001.png")
     pairs = pair_image_mask_folders(tmp_path / "images", tmp_path / "masks")
-    pattern = re.escape(str(tmp_path / "images" / "img001.png")) + r" is 30x20.*" + re.escape(
-        str(tmp_path / "masks" / "img001.png")
+    pattern = (
+        re.escape(str(tmp_path / "images" / "img001.png"))
+        + r" is 30x20.*"
+        + re.escape(str(tmp_path / "masks" / "img001.png"))
     )
     with pytest.raises(ValueError, match=pattern):
         check_image_mask_pairs(pairs)
@@ -240,3 +244,23 @@ def test_check_returns_sizes(tmp_path: Path) -> None:
     pairs = pair_image_mask_folders(tmp_path / "images", tmp_path / "masks")
     assert check_image_mask_pairs(pairs, threads=2) == [(20, 30), (17, 9)]
     assert check_image_mask_pairs(pairs, full=True) == [(20, 30), (17, 9)]
+
+
+def test_reduced_scale_jpeg_decoding_matches_full_decoding(tmp_path: Path) -> None:
+    # A large JPEG read for a small training size is decoded at a reduced scale (faster); after the
+    # resize the result is close to decoding in full, and the file's size is still reported.
+    from gpcps_lightning.data.io import read_image_and_size, read_mask_and_size, resize_image
+
+    yy, xx = np.mgrid[0:400, 0:520]
+    image = np.stack([(yy * 255 // 400), (xx * 255 // 520), ((yy + xx) % 256)], -1).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "big.jpg", quality=95)
+    mask = (((yy - 200) ** 2 + (xx - 260) ** 2) < 120**2).astype(np.uint8) * 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=90)
+    small, size = read_image_and_size(tmp_path / "big.jpg", (64, 64))
+    assert size == (400, 520) and small.shape == (100, 130, 3)  # 1/4 scale is still >= 64
+    full = resize_image(read_image(tmp_path / "big.jpg"), (64, 64))
+    assert np.abs(resize_image(small, (64, 64)).astype(int) - full).mean() < 3
+    small_mask, mask_size = read_mask_and_size(tmp_path / "mask.jpg", (64, 64))
+    assert mask_size == (400, 520)
+    full_mask = resize_mask(read_mask(tmp_path / "mask.jpg"), (64, 64))
+    assert (resize_mask(small_mask, (64, 64)) != full_mask).mean() < 0.01

@@ -325,7 +325,8 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             self.train_dataset = SemiSupervisedTrainDataset(labeled, unlabeled)
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self._evaluation_dataset("validate", self.split.val)
-        if stage in ("test", None) and self.test_dataset is None:
+        # setup(None) (all stages, for interactive use) skips an empty test set; setup("test") reports it.
+        if (stage == "test" or (stage is None and self.split.test)) and self.test_dataset is None:
             self.test_dataset = self._evaluation_dataset("test", self.split.test)
         if stage in ("predict", None) and self.predict_dataset is None and self.predict_dir is not None:
             self.predict_dataset = ImageDataset.from_folder(self.predict_dir, image_size=self.image_size)
@@ -466,10 +467,15 @@ def _check_names(names: Sequence[str], known: set[str], option: str, where: str)
         )
 
 
+def _round_half_up(x: float) -> int:
+    # Python's round() rounds half to even (round(0.5) == 0); counts of images round half up.
+    return math.floor(x + 0.5)
+
+
 def _labeled_subset(train: Sequence[str], fraction: float, seed: int, what: str) -> list[str]:
     """The first ``round(fraction * n)`` names of a seeded permutation of ``sorted(train)`` (nested)."""
     ordered = sorted(train)
-    k = round(fraction * len(ordered))
+    k = _round_half_up(fraction * len(ordered))
     if k < 1:
         raise ValueError(
             f"`labeled_fraction`={fraction} of the {len(ordered)} training images of {what} leaves no "
@@ -492,7 +498,7 @@ def ratio_split(
     """
     ordered = sorted(names)
     n = len(ordered)
-    n_val, n_test = round(val_fraction * n), round(test_fraction * n)
+    n_val, n_test = _round_half_up(val_fraction * n), _round_half_up(test_fraction * n)
     if val_fraction > 0 and n_val < 1:
         raise ValueError(
             f"`val_fraction`={val_fraction} of {n} images gives an empty validation set; raise it."

@@ -23,8 +23,10 @@ from gpcps_lightning.data.io import (
     _preview,
     list_image_files,
     read_image,
+    read_image_and_size,
     read_image_size,
     read_mask,
+    read_mask_and_size,
     resize_image,
     resize_mask,
 )
@@ -222,12 +224,15 @@ class ImageMaskDataset(Dataset):
 
     def _load(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         pair = self.pairs[i]
-        image = read_image(pair.image)
-        mask = read_mask(pair.mask)
-        if image.shape[:2] != mask.shape:
+        # The full-resolution mask is needed for evaluation at the original size; otherwise both files
+        # may be decoded at a reduced scale (the same for both, as they have the same size).
+        draft = None if self.original_masks else self.size
+        image, hw_image = read_image_and_size(pair.image, draft)
+        mask, hw_mask = read_mask_and_size(pair.mask, draft)
+        if hw_image != hw_mask:
             raise ValueError(
-                f"Image {pair.image} is {image.shape[1]}x{image.shape[0]} (WxH) but its mask {pair.mask} is "
-                f"{mask.shape[1]}x{mask.shape[0]}. A mask must have its image's size; fix or remove the pair."
+                f"Image {pair.image} is {hw_image[1]}x{hw_image[0]} (WxH) but its mask {pair.mask} is "
+                f"{hw_mask[1]}x{hw_mask[0]}. A mask must have its image's size; fix or remove the pair."
             )
         small_image = torch.from_numpy(resize_image(image, self.size)).permute(2, 0, 1).contiguous()
         small_mask = torch.from_numpy(resize_mask(mask, self.size))[None]
@@ -278,7 +283,6 @@ class ImageDataset(Dataset):
             raise ValueError(f"Got {len(self.paths)} paths but {len(self.names)} names.")
         self.size = _as_size(image_size)
         self.cache: SharedUInt8Cache | None = None
-        self.original_sizes: list[tuple[int, int] | None] = [None] * len(self.paths)
         if cache:
             self.cache = SharedUInt8Cache([(3, *self.size)] * len(self.paths), shared_cache, "images")
             self._sizes = torch.zeros(len(self.paths), 2, dtype=torch.int64)
@@ -301,8 +305,7 @@ class ImageDataset(Dataset):
             if cached is not None:
                 h, w = (int(v) for v in self._sizes[i])
                 return cached.clone(), self.names[i], (h, w)
-        image = read_image(self.paths[i])
-        h, w = image.shape[:2]
+        image, (h, w) = read_image_and_size(self.paths[i], self.size)
         small = torch.from_numpy(resize_image(image, self.size)).permute(2, 0, 1).contiguous()
         if self.cache is not None:
             self._sizes[i, 0], self._sizes[i, 1] = h, w

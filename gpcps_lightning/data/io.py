@@ -17,8 +17,10 @@ __all__ = [
     "binarize_mask",
     "list_image_files",
     "read_image",
+    "read_image_and_size",
     "read_image_size",
     "read_mask",
+    "read_mask_and_size",
     "resize_image",
     "resize_mask",
     "to_rgb_uint8",
@@ -37,14 +39,21 @@ def _decode_error(path: Path, err: Exception) -> ValueError:
     )
 
 
-def _decode_pillow(path: Path, palette_indices: bool) -> np.ndarray:
+def _decode_pillow(
+    path: Path, palette_indices: bool, draft: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     with Image.open(path) as img:
+        w, h = img.size
+        if draft is not None and img.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= the requested size:
+            # several times faster than a full decode for images much larger than the training size.
+            img.draft(img.mode, (draft[1], draft[0]))
         img.load()
         if img.mode == "P" and not palette_indices:
-            return np.array(img.convert("RGBA" if "transparency" in img.info else "RGB"))
+            return np.array(img.convert("RGBA" if "transparency" in img.info else "RGB")), (h, w)
         if img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            return np.array(img.convert("RGB"))
-        return np.array(img)
+            return np.array(img.convert("RGB")), (h, w)
+        return np.array(img), (h, w)
 
 
 def _decode_tifffile(path: Path, palette_indices: bool) -> np.ndarray | None:
@@ -63,24 +72,27 @@ def _decode_tifffile(path: Path, palette_indices: bool) -> np.ndarray | None:
     return None
 
 
-def _decode(path: Path, palette_indices: bool = False) -> np.ndarray:
-    """Decode a file to a NumPy array.
+def _decode(
+    path: Path, palette_indices: bool = False, draft: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode a file to a NumPy array; also return the file's (height, width).
 
     TIFFs go through tifffile first (it reads 16-bit, float and planar data that Pillow misreads or
     cannot read) and through Pillow for the photometric types and compressions tifffile leaves out;
     other formats through Pillow. Palette images give their colours, or their indices when
-    ``palette_indices`` (masks).
+    ``palette_indices`` (masks). ``draft`` (height, width) allows JPEGs to be decoded at a reduced
+    scale no smaller than it.
     """
     tiff_error: Exception | None = None
     if path.suffix.lower() in _TIFF:
         try:
             decoded = _decode_tifffile(path, palette_indices)
             if decoded is not None:
-                return decoded
+                return decoded, (int(decoded.shape[0]), int(decoded.shape[1]))
         except Exception as err:  # tifffile raises many types (ValueError, TiffFileError, ...)
             tiff_error = err
     try:
-        return _decode_pillow(path, palette_indices)
+        return _decode_pillow(path, palette_indices, draft)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         if tiff_error is not None:
             err = ValueError(f"{err}; tifffile: {tiff_error}")
@@ -163,12 +175,8 @@ def to_rgb_uint8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read any supported image as RGB uint8.
-
-    Args:
-        path: Image file (jpg, jpeg, png, bmp, tif, tiff; TIFFs that Pillow cannot decode go through
-            tifffile).
+def read_image(path: str | Path, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read any supported image as RGB uint8 (see :func:`read_image_and_size`).
 
     Returns:
         (H, W, 3) uint8 array.
@@ -176,10 +184,32 @@ def read_image(path: str | Path) -> np.ndarray:
     Raises:
         ValueError: If the file is unreadable, truncated or not a 2-D image.
     """
+    return read_image_and_size(path, min_size)[0]
+
+
+def read_image_and_size(
+    path: str | Path, min_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read any supported image as RGB uint8, with the file's size.
+
+    Args:
+        path: Image file (jpg, jpeg, png, bmp, tif, tiff; TIFFs that Pillow cannot decode go through
+            tifffile).
+        min_size: ``(height, width)`` the image will be resized to: a JPEG may then be decoded at 1/2,
+            1/4 or 1/8 of its size as long as it stays at least this large (much faster). ``None``:
+            full resolution.
+
+    Returns:
+        The (H, W, 3) uint8 array (smaller than the file if decoded at a reduced scale) and the file's
+        ``(height, width)``.
+
+    Raises:
+        ValueError: If the file is unreadable, truncated or not a 2-D image.
+    """
     path = Path(path)
-    a = _decode(path)
+    a, size = _decode(path, draft=min_size)
     try:
-        return to_rgb_uint8(a)
+        return to_rgb_uint8(a), size
     except (ValueError, TypeError) as err:
         raise ValueError(f"Cannot use {path} as an image: {err}") from err
 
@@ -207,7 +237,8 @@ def binarize_mask(a: np.ndarray, lossy: bool = False, name: str = "mask") -> np.
     if a.ndim == 3:
         if a.shape[-1] in (2, 4):  # drop alpha
             a = a[..., :-1]
-        a = a.max(axis=-1)
+        # Channel by channel: numpy's reduction over a short last axis is slow.
+        a = np.maximum.reduce([a[..., c] for c in range(a.shape[-1])])
     if a.ndim != 2:
         raise ValueError(f"Mask {name} must be a 2-D image, got an array of shape {a.shape}.")
     if a.dtype == np.bool_:
@@ -229,24 +260,40 @@ def binarize_mask(a: np.ndarray, lossy: bool = False, name: str = "mask") -> np.
     return out
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a binary mask as {0, 1} uint8 (see :func:`read_mask_and_size`).
+
+    Returns:
+        (H, W) uint8 array with values in {0, 1}.
+
+    Raises:
+        ValueError: If the file is unreadable or truncated, or not a binary mask.
+    """
+    return read_mask_and_size(path, min_size)[0]
+
+
+def read_mask_and_size(
+    path: str | Path, min_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Read a binary mask of any supported format and encoding as {0, 1} uint8.
 
     Palette (indexed) masks are read as their indices, so 0/1 palette masks work.
 
     Args:
         path: Mask file.
+        min_size: As for :func:`read_image` (a JPEG mask may be decoded at a reduced scale).
 
     Returns:
-        (H, W) uint8 array with values in {0, 1}.
+        The (H, W) uint8 array with values in {0, 1} (smaller than the file if decoded at a reduced
+        scale) and the file's ``(height, width)``.
 
     Raises:
         ValueError: If the file is unreadable or truncated, or not a binary mask (see
             :func:`binarize_mask`).
     """
     path = Path(path)
-    a = _decode(path, palette_indices=True)
-    return binarize_mask(a, lossy=path.suffix.lower() in _LOSSY, name=str(path))
+    a, size = _decode(path, palette_indices=True, draft=min_size)
+    return binarize_mask(a, lossy=path.suffix.lower() in _LOSSY, name=str(path)), size
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

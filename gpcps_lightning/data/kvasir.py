@@ -36,6 +36,7 @@ from gpcps_lightning.data.datamodule import (
     DataSplit,
     SemiSupervisedDataModule,
     _preview,
+    _round_half_up,
     ratio_split,
     split_folder,
 )
@@ -94,7 +95,7 @@ def make_kvasir_seg_splits(names: Sequence[str], seed: int = KVASIR_SEG_SPLIT_SE
     perm = np.random.default_rng(seed).permutation(len(train))
     out = {"train": train, "val": val, "test": test}
     for fraction, suffix in KVASIR_SEG_FRACTIONS.items():
-        k = round(fraction * len(train))
+        k = _round_half_up(fraction * len(train))
         out[f"labeled_{suffix}"] = sorted(train[i] for i in perm[:k])
     return out
 

@@ -38,9 +38,8 @@ class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
     labeled stream with element ``p`` of the unlabeled stream. Epoch ``e`` covers positions
     ``[e * G, (e + 1) * G)`` with ``G = steps_per_epoch * batch_size * num_replicas``; within it, step
     ``s`` of rank ``r`` takes the ``batch_size`` positions starting at ``e * G + (s * num_replicas + r)
-    * batch_size``. Ranks therefore see disjoint samples (within a pass over a set), and a batch of
-    ``batch_size`` consecutive pairs has distinct labeled images whenever the labeled set has at least
-    ``batch_size`` of them.
+    * batch_size``. Ranks therefore see disjoint samples within a pass over a set; a batch repeats an
+    image only where it straddles two passes.
 
     Lightning calls :meth:`set_epoch` at the start of every epoch.
 
