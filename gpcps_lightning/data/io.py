@@ -65,7 +65,7 @@ def _decode_tifffile(path: Path, palette_indices: bool) -> np.ndarray | None:
         photometric = int(page.photometric)  # type: ignore[union-attr]
         # MINISBLACK (1) and RGB (2) are plain arrays; PALETTE (3) only when the indices are wanted.
         if photometric in (1, 2) or (photometric == 3 and palette_indices):
-            a = np.asarray(page.asarray())  # type: ignore[union-attr]
+            a = np.asarray(page.asarray())
             if int(page.planarconfig) == 2 and a.ndim == 3:  # type: ignore[union-attr]
                 a = np.moveaxis(a, 0, -1)  # separate planes (C, H, W) -> (H, W, C)
             return a

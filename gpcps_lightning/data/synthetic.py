@@ -114,10 +114,10 @@ def render_synthetic_polyp(
     mask = np.zeros((h, w), np.uint8)
     light = rng.uniform(0, 2 * np.pi)
     for _ in range(rng.integers(1, max_polyps + 1)):
-        radius = rng.uniform(0.07, 0.28) * s
+        radius = rng.uniform(0.08, 0.28) * s
         cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
         coverage, dome = _polyp_shape(rng, yy, xx, cy, cx, radius)
-        contrast = rng.uniform(0.05, 0.35)
+        contrast = rng.uniform(0.08, 0.35)
         # Redder, paler or darker than the mucosa (the same hues, as real polyps).
         kind = rng.integers(3)
         if kind == 0:
