@@ -255,3 +255,29 @@ def test_real_kvasir_seg_copy() -> None:
     for original in evaluation.original_masks or []:
         assert original.shape[-1] >= 332 and set(torch.unique(original).tolist()) <= {0.0, 1.0}
         assert original.sum() > 0  # no Kvasir-SEG mask is empty
+
+
+def test_regenerating_resources_from_a_copy_gives_the_shipped_split(standin: Path, tmp_path: Path) -> None:
+    from gpcps_lightning.data.kvasir import main
+
+    assert main(["--root", str(standin / "Kvasir-SEG"), "--out", str(tmp_path / "out")]) == 0
+    for key in ("train", "val", "test", "labeled_1-2", "labeled_1-4", "labeled_1-8", "labeled_1-16"):
+        assert (tmp_path / "out" / f"{key}.txt").read_text() == kvasir_seg_resource(f"{key}.txt").read_text()
+    assert len((tmp_path / "out" / "SHA256SUMS").read_text().splitlines()) == 2000
+
+
+def test_loader_benchmark_runs(standin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpcps_lightning.data.bench_loader import benchmark, main
+
+    rates = benchmark(
+        str(standin), cache=True, epochs=2, image_size=8, batch_size=4, num_workers=0, steps_per_epoch=2
+    )
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    argv = ["--root", str(standin), "--image-size", "8", "--batch-size", "2", "--num-workers", "0"]
+    assert main([*argv, "--epochs", "1", "--steps-per-epoch", "1"]) == 0
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| no") or line.startswith("| yes")
+    ]
+    assert len(rows) == 2
