@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from gpcps_lightning.data.datamodule import FolderDataModule
+from gpcps_lightning.data.datamodule import DataSplit, FolderDataModule
 
 __all__ = [
     "SYNTHETIC_VERSION",
@@ -312,7 +312,7 @@ class SyntheticPolypDataModule(FolderDataModule):
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def build_split(self) -> Any:  # noqa: D102
+    def build_split(self) -> DataSplit:  # noqa: D102
         if not (Path(self.root) / _MARKER).is_file():
             raise FileNotFoundError(
                 f"No synthetic dataset in {self.root}: call prepare_data() first (the Trainer does)."
