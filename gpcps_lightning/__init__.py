@@ -6,18 +6,22 @@ __version__ = "0.1.0.dev0"
 
 from gpcps_lightning.baselines import CPSModule, MeanTeacherModule, SupervisedModule
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
+from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule
 from gpcps_lightning.module import GPCPSModule, SegmentationModule
 from gpcps_lightning.predict import Segmenter
 
 __all__ = [
     "CPSModule",
     "EvaluationBatch",
+    "FolderDataModule",
     "GPCPSModule",
+    "KvasirSEGDataModule",
     "MeanTeacherModule",
     "PredictionBatch",
     "SegmentationModule",
     "Segmenter",
     "SemiSupervisedBatch",
     "SupervisedModule",
+    "SyntheticPolypDataModule",
     "__version__",
 ]

@@ -1,0 +1,692 @@
+"""Lightning datamodules: the semi-supervised base and :class:`FolderDataModule` for a user's own data.
+
+The loaders ship compact uint8 batches (:mod:`gpcps_lightning.data.datasets`); on the device,
+:meth:`SemiSupervisedDataModule.on_after_batch_transfer` converts them to float, augments training
+batches with kornia and normalises, giving the :mod:`gpcps_lightning.batch` structures the modules
+consume. The fused image ``f = eps * l + (1 - eps) * u`` is *not* built here: the method draws ``eps``
+(its policy is a method option) and fuses, and supervised baselines need no fusion.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
+from gpcps_lightning.data.datasets import (
+    CompactEvaluationBatch,
+    CompactPredictionBatch,
+    CompactTrainBatch,
+    ImageDataset,
+    ImageMaskDataset,
+    ImageMaskPair,
+    SemiSupervisedTrainDataset,
+    check_image_mask_pairs,
+    check_images,
+    collate_evaluation,
+    collate_prediction,
+    collate_train,
+    pair_image_mask_folders,
+)
+from gpcps_lightning.data.io import _preview, list_image_files
+from gpcps_lightning.data.sampler import SemiSupervisedPairSampler
+from gpcps_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationAugmentation,
+    denormalize,
+    normalize,
+)
+
+__all__ = [
+    "DataSplit",
+    "FolderDataModule",
+    "SemiSupervisedDataModule",
+    "ratio_split",
+    "read_split_file",
+    "split_folder",
+]
+
+CheckFiles = Literal["header", "full"]
+
+
+@dataclass
+class DataSplit:
+    """Which files a datamodule trains, validates and tests on.
+
+    ``unlabeled`` holds image files only: their masks (where they exist) are never opened in training.
+    """
+
+    labeled: list[ImageMaskPair]
+    unlabeled: list[Path]
+    val: list[ImageMaskPair]
+    test: list[ImageMaskPair] = field(default_factory=list)
+
+
+def read_split_file(path: str | Path, option: str = "split file") -> list[str]:
+    """Read a split file: one image name (file stem, no extension) per line.
+
+    Blank lines and lines starting with ``#`` are ignored; surrounding whitespace is stripped, and a
+    name given with an image extension is accepted as its stem.
+
+    Args:
+        path: The text file.
+        option: The option that named the file, for error messages.
+
+    Returns:
+        The names, in file order.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it lists no name or a name twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`{option}`: the split file {path} does not exist.")
+    from gpcps_lightning.data.io import IMAGE_EXTENSIONS
+
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        stem, ext = os.path.splitext(line)
+        names.append(stem if ext.lower() in IMAGE_EXTENSIONS else line)
+    if not names:
+        raise ValueError(f"`{option}`: the split file {path} lists no image names (one file stem per line).")
+    seen: set[str] = set()
+    repeated = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if repeated:
+        raise ValueError(
+            f"`{option}`: the split file {path} lists names more than once: {_preview(repeated)}."
+        )
+    return names
+
+
+def _default_num_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(8, max(0, cpus - 1))
+
+
+class SemiSupervisedDataModule(L.LightningDataModule):
+    """Base of the library's datamodules: a labeled, an unlabeled, a validation and a test set.
+
+    Training steps receive a :class:`~gpcps_lightning.SemiSupervisedBatch` with ``batch_size`` labeled
+    images (with masks) and ``batch_size`` unlabeled images, augmented and normalised on the device;
+    ``fused``/``eps`` are left ``None`` (the method fuses). The labeled set is cycled with reshuffling,
+    the unlabeled set reshuffled at every pass (:class:`~gpcps_lightning.data.SemiSupervisedPairSampler`).
+    Validation and test steps receive an :class:`~gpcps_lightning.EvaluationBatch`, prediction steps a
+    :class:`~gpcps_lightning.PredictionBatch` of the images in ``predict_dir``.
+
+    Subclasses implement :meth:`build_split`.
+
+    Args:
+        batch_size: Labeled images per step (and as many unlabeled ones); also the evaluation batch size.
+        image_size: Training size, an int (square) or ``(height, width)``; every image is resized to it.
+        labeled_fraction: Fraction of the training images used with their masks; the rest are unlabeled.
+        steps_per_epoch: Training steps per epoch; default ``ceil((labeled + unlabeled) / batch_size)``.
+        num_workers: DataLoader worker processes; default ``min(8, CPUs - 1)``.
+        augment: Augment training batches (flips, affine, colour jitter, blur) on the device.
+        cache: Keep decoded, resized uint8 images and masks in memory after first use (shared memory
+            with workers; needs about ``3 * H * W`` bytes per image).
+        eval_at_original_size: Give validation/test batches each mask at its original resolution, so
+            that metrics are computed there (predictions resized back), as the polyp literature does;
+            ``False``: metrics at the training size.
+        seed: Seed of the training stream's shuffles (non-negative).
+        mean: Per-channel normalisation mean (ImageNet's by default).
+        std: Per-channel normalisation standard deviation (ImageNet's by default).
+        predict_dir: Folder of images (any size, any supported format) that ``predict_dataloader`` reads.
+        check_files: At setup, read every file's ``"header"`` (finds unreadable files and size
+            mismatches; fast) or decode it in ``"full"`` (also finds truncated files and non-binary
+            masks up front, slow). With ``"header"``, a truncated file is reported when first decoded.
+
+    Raises:
+        ValueError: On an invalid option (the message names it).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 16,
+        image_size: int | tuple[int, int] = 256,
+        labeled_fraction: float = 0.125,
+        steps_per_epoch: int | None = None,
+        num_workers: int | None = None,
+        augment: bool = True,
+        cache: bool = False,
+        eval_at_original_size: bool = True,
+        seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        predict_dir: str | None = None,
+        check_files: CheckFiles = "header",
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or any(isinstance(s, bool) or int(s) != s or s < 1 for s in size):
+            raise ValueError(
+                f"`image_size` must be a positive integer or a (height, width) pair of them, "
+                f"got {image_size!r}."
+            )
+        if not 0.0 < float(labeled_fraction) <= 1.0:
+            raise ValueError(f"`labeled_fraction` must be in (0, 1], got {labeled_fraction!r}.")
+        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
+            raise ValueError(
+                f"`steps_per_epoch` must be a positive integer or None, got {steps_per_epoch!r}."
+            )
+        if num_workers is not None and (int(num_workers) != num_workers or num_workers < 0):
+            raise ValueError(f"`num_workers` must be a non-negative integer or None, got {num_workers!r}.")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"`mean` and `std` must have 3 values (RGB), got {mean!r} and {std!r}.")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"`std` must be positive, got {std!r}.")
+        if check_files not in ("header", "full"):
+            raise ValueError(f"`check_files` must be 'header' or 'full', got {check_files!r}.")
+        self.save_hyperparameters()
+        self.batch_size = int(batch_size)
+        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.labeled_fraction = float(labeled_fraction)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        self.num_workers = _default_num_workers() if num_workers is None else int(num_workers)
+        self.augment = bool(augment)
+        self.cache = bool(cache)
+        self.eval_at_original_size = bool(eval_at_original_size)
+        self.seed = int(seed)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.predict_dir = predict_dir
+        self.check_files = check_files
+        self.augmentation: SegmentationAugmentation | None = self.build_augmentation() if augment else None
+        self._split: DataSplit | None = None
+        self._checked: dict[str, list[tuple[int, int]]] = {}
+        self.train_dataset: SemiSupervisedTrainDataset | None = None
+        self.val_dataset: ImageMaskDataset | None = None
+        self.test_dataset: ImageMaskDataset | None = None
+        self.predict_dataset: ImageDataset | None = None
+
+    # ----------------------------------------------------------------- to override
+    def build_split(self) -> DataSplit:
+        """Find the files and split them into labeled, unlabeled, validation and test sets.
+
+        Raises:
+            FileNotFoundError, ValueError: On missing or malformed data (the message names the file).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement build_split().")
+
+    def build_augmentation(self) -> SegmentationAugmentation:
+        """The training augmentation (override to change it)."""
+        return SegmentationAugmentation()
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def split(self) -> DataSplit:
+        """The data split (built on first access)."""
+        if self._split is None:
+            split = self.build_split()
+            if not split.labeled:
+                raise ValueError(
+                    f"{type(self).__name__}: no labeled training image (labeled_fraction="
+                    f"{self.labeled_fraction}); raise `labeled_fraction` or add labeled images."
+                )
+            if not split.unlabeled:
+                raise ValueError(
+                    f"{type(self).__name__}: no unlabeled training image (labeled_fraction="
+                    f"{self.labeled_fraction}); lower `labeled_fraction` or give unlabeled images."
+                )
+            self._split = split
+        return self._split
+
+    @property
+    def num_labeled(self) -> int:
+        """Number of labeled training images."""
+        return len(self.split.labeled)
+
+    @property
+    def num_unlabeled(self) -> int:
+        """Number of unlabeled training images."""
+        return len(self.split.unlabeled)
+
+    @property
+    def train_steps_per_epoch(self) -> int:
+        """``steps_per_epoch``, or its default ``ceil((labeled + unlabeled) / batch_size)``."""
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        return math.ceil((self.num_labeled + self.num_unlabeled) / self.batch_size)
+
+    @property
+    def _threads(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def _shared_cache(self) -> bool:
+        return self.cache and self.num_workers > 0
+
+    def _check_pairs(self, key: str, pairs: list[ImageMaskPair]) -> list[tuple[int, int]]:
+        if key not in self._checked:
+            self._checked[key] = check_image_mask_pairs(pairs, self.check_files == "full", self._threads)
+        return self._checked[key]
+
+    def _evaluation_dataset(self, key: str, pairs: list[ImageMaskPair]) -> ImageMaskDataset:
+        if not pairs:
+            raise ValueError(f"{type(self).__name__} has no {key} set (it has 0 images); it cannot {key}.")
+        sizes = self._check_pairs(key, pairs)
+        return ImageMaskDataset(
+            pairs,
+            self.image_size,
+            original_masks=self.eval_at_original_size,
+            cache=self.cache,
+            shared_cache=self._shared_cache,
+            sizes=sizes,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage`` (``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or all).
+
+        Every file of the stage's sets is checked (see ``check_files``); unlabeled images' masks are not
+        opened.
+
+        Raises:
+            FileNotFoundError, ValueError: On missing, unreadable or inconsistent files.
+        """
+        if stage in ("fit", None) and self.train_dataset is None:
+            split = self.split
+            self._check_pairs("labeled", split.labeled)
+            if "unlabeled" not in self._checked:
+                self._checked["unlabeled"] = check_images(
+                    split.unlabeled, self.check_files == "full", self._threads
+                )
+            labeled = ImageMaskDataset(
+                split.labeled, self.image_size, cache=self.cache, shared_cache=self._shared_cache
+            )
+            unlabeled = ImageDataset(
+                split.unlabeled,
+                self.image_size,
+                cache=self.cache,
+                shared_cache=self._shared_cache,
+                names=[p.stem for p in split.unlabeled],
+            )
+            self.train_dataset = SemiSupervisedTrainDataset(labeled, unlabeled)
+        if stage in ("fit", "validate", None) and self.val_dataset is None:
+            self.val_dataset = self._evaluation_dataset("validate", self.split.val)
+        # setup(None) (all stages, for interactive use) skips an empty test set; setup("test") reports it.
+        if (stage == "test" or (stage is None and self.split.test)) and self.test_dataset is None:
+            self.test_dataset = self._evaluation_dataset("test", self.split.test)
+        if stage in ("predict", None) and self.predict_dataset is None and self.predict_dir is not None:
+            self.predict_dataset = ImageDataset.from_folder(self.predict_dir, image_size=self.image_size)
+            check_images(self.predict_dataset.paths, self.check_files == "full", self._threads)
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_sampler(self, num_replicas: int = 1, rank: int = 0) -> SemiSupervisedPairSampler:
+        """The training stream's sampler (per-rank ``steps_per_epoch``; see the class for the layout)."""
+        return SemiSupervisedPairSampler(
+            self.num_labeled,
+            self.num_unlabeled,
+            self.batch_size,
+            self.train_steps_per_epoch,
+            seed=self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """``train_steps_per_epoch`` batches of :class:`~gpcps_lightning.data.CompactTrainBatch`."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=self.train_sampler(),
+            collate_fn=collate_train,
+            drop_last=False,
+        )
+
+    def _evaluation_loader(self, dataset: ImageMaskDataset | None, stage: str) -> DataLoader:
+        if dataset is None:
+            self.setup(stage)
+            dataset = self.val_dataset if stage == "validate" else self.test_dataset
+        return self._loader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_evaluation)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation set, in order, as :class:`~gpcps_lightning.data.CompactEvaluationBatch`."""
+        return self._evaluation_loader(self.val_dataset, "validate")
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set, in order, as :class:`~gpcps_lightning.data.CompactEvaluationBatch`."""
+        return self._evaluation_loader(self.test_dataset, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The images of ``predict_dir`` in name order, as ``CompactPredictionBatch``.
+
+        Raises:
+            ValueError: If ``predict_dir`` is not set.
+        """
+        if self.predict_dir is None:
+            raise ValueError(
+                f"{type(self).__name__}: set `predict_dir` to the folder of images to segment "
+                "before predicting."
+            )
+        if self.predict_dataset is None:
+            self.setup("predict")
+        return self._loader(
+            self.predict_dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_prediction
+        )
+
+    # ----------------------------------------------------------------- device side
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or [0, 1] float) images to the networks' normalised float input.
+
+        Shape:
+            - images: (N, 3, H, W)
+        """
+        return normalize(images, self.mean, self.std)
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """Invert the normalisation: network input back to [0, 1] images (for drawing).
+
+        Shape:
+            - images: (N, 3, H, W) or (3, H, W)
+        """
+        return denormalize(images, self.mean, self.std)
+
+    def make_train_batch(self, batch: CompactTrainBatch, augment: bool | None = None) -> SemiSupervisedBatch:
+        """Float, augmented (if ``augment``, default the datamodule's), normalised training batch."""
+        labeled = batch.labeled.float() / 255.0
+        unlabeled = batch.unlabeled.float() / 255.0
+        mask = batch.mask.float()
+        if (self.augment if augment is None else augment) and self.augmentation is not None:
+            labeled, aug_mask = self.augmentation(labeled, mask)
+            assert aug_mask is not None  # given a mask, the augmentation returns one
+            mask = aug_mask
+            unlabeled, _ = self.augmentation(unlabeled)
+        return SemiSupervisedBatch(
+            labeled=self.normalize(labeled), mask=mask, unlabeled=self.normalize(unlabeled)
+        )
+
+    def make_evaluation_batch(self, batch: CompactEvaluationBatch) -> EvaluationBatch:
+        """Float, normalised evaluation batch (masks float in {0, 1})."""
+        originals = [m.float() for m in batch.original_masks] if batch.original_masks is not None else None
+        return EvaluationBatch(
+            image=self.normalize(batch.image),
+            mask=batch.mask.float(),
+            original_masks=originals,
+            names=list(batch.names),
+        )
+
+    def make_prediction_batch(self, batch: CompactPredictionBatch) -> PredictionBatch:
+        """Float, normalised prediction batch."""
+        return PredictionBatch(
+            image=self.normalize(batch.image),
+            original_sizes=[(int(h), int(w)) for h, w in batch.original_sizes],
+            names=list(batch.names),
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Turn the loaders' compact uint8 batches into the library's batch structures, on the device."""
+        if isinstance(batch, CompactTrainBatch):
+            return self.make_train_batch(batch)
+        if isinstance(batch, CompactEvaluationBatch):
+            return self.make_evaluation_batch(batch)
+        if isinstance(batch, CompactPredictionBatch):
+            return self.make_prediction_batch(batch)
+        return batch
+
+
+# --------------------------------------------------------------------------- splitting helpers
+def _check_names(names: Sequence[str], known: set[str], option: str, where: str) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"`{option}` lists {len(unknown)} name(s) that are not {where}: {_preview(unknown)}. "
+            "Split files hold file stems (no folder, no extension) of existing image/mask pairs."
+        )
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() rounds half to even (round(0.5) == 0); counts of images round half up.
+    return math.floor(x + 0.5)
+
+
+def _labeled_subset(train: Sequence[str], fraction: float, seed: int, what: str) -> list[str]:
+    """The first ``round(fraction * n)`` names of a seeded permutation of ``sorted(train)`` (nested)."""
+    ordered = sorted(train)
+    k = _round_half_up(fraction * len(ordered))
+    if k < 1:
+        raise ValueError(
+            f"`labeled_fraction`={fraction} of the {len(ordered)} training images of {what} leaves no "
+            f"labeled image; raise it to at least {1 / max(len(ordered), 1):.4g}."
+        )
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    return [ordered[i] for i in perm[:k]]
+
+
+def ratio_split(
+    names: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[str], ...]:
+    """Split names into train/val/test by fractions of a seeded permutation of ``sorted(names)``.
+
+    Returns:
+        ``(train, val, test)`` name lists, each sorted.
+
+    Raises:
+        ValueError: If a requested set would be empty or nothing is left for training.
+    """
+    ordered = sorted(names)
+    n = len(ordered)
+    n_val, n_test = _round_half_up(val_fraction * n), _round_half_up(test_fraction * n)
+    if val_fraction > 0 and n_val < 1:
+        raise ValueError(
+            f"`val_fraction`={val_fraction} of {n} images gives an empty validation set; raise it."
+        )
+    if test_fraction > 0 and n_test < 1:
+        raise ValueError(f"`test_fraction`={test_fraction} of {n} images gives an empty test set; raise it.")
+    if n - n_val - n_test < 1:
+        raise ValueError(
+            f"`val_fraction`={val_fraction} and `test_fraction`={test_fraction} leave no training image "
+            f"of {n}."
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    test = sorted(ordered[i] for i in perm[:n_test])
+    val = sorted(ordered[i] for i in perm[n_test : n_test + n_val])
+    train = sorted(ordered[i] for i in perm[n_test + n_val :])
+    return train, val, test
+
+
+def split_folder(
+    root: str | Path,
+    *,
+    images_subdir: str = "images",
+    masks_subdir: str = "masks",
+    train_split: str | Path | None = None,
+    val_split: str | Path | None = None,
+    test_split: str | Path | None = None,
+    labeled_split: str | Path | None = None,
+    labeled_fraction: float = 0.125,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+    unlabeled_dir: str | Path | None = None,
+) -> DataSplit:
+    """Pair an image/mask folder and split it (see :class:`FolderDataModule` for the options).
+
+    Returns:
+        The split; its lists are sorted by name (extra unlabeled images after the training ones).
+
+    Raises:
+        FileNotFoundError: If a folder or split file is missing.
+        ValueError: On unpaired, duplicate or unknown names, overlapping split files, or fractions that
+            leave a set empty.
+    """
+    root = Path(root)
+    pairs = {p.name: p for p in pair_image_mask_folders(root / images_subdir, root / masks_subdir)}
+    known = set(pairs)
+    if train_split is not None and val_split is not None:
+        train = read_split_file(train_split, "train_split")
+        val = read_split_file(val_split, "val_split")
+        test = read_split_file(test_split, "test_split") if test_split is not None else []
+        where = f"image/mask pairs in {root}"
+        _check_names(train, known, "train_split", where)
+        _check_names(val, known, "val_split", where)
+        _check_names(test, known, "test_split", where)
+        for (a, na), (b, nb) in (
+            (("train_split", train), ("val_split", val)),
+            (("train_split", train), ("test_split", test)),
+            (("val_split", val), ("test_split", test)),
+        ):
+            overlap = sorted(set(na) & set(nb))
+            if overlap:
+                raise ValueError(
+                    f"`{a}` and `{b}` share {len(overlap)} name(s): {_preview(overlap)}. "
+                    "A name may be in one split only."
+                )
+        unused = sorted(known - set(train) - set(val) - set(test))
+        if unused:
+            warnings.warn(
+                f"{len(unused)} image/mask pair(s) in {root} are in none of the split files and are not "
+                f"used: {_preview(unused)}.",
+                stacklevel=3,
+            )
+    else:
+        train, val, test = ratio_split(sorted(known), val_fraction, test_fraction, split_seed)
+    if labeled_split is not None:
+        labeled = read_split_file(labeled_split, "labeled_split")
+        _check_names(labeled, set(train), "labeled_split", "in the training set")
+    else:
+        labeled = _labeled_subset(train, labeled_fraction, split_seed, str(root))
+    labeled_set = set(labeled)
+    unlabeled = [pairs[n].image for n in sorted(train) if n not in labeled_set]
+    if unlabeled_dir is not None:
+        unlabeled += list(list_image_files(Path(unlabeled_dir), "unlabeled images").values())
+    if not unlabeled:
+        raise ValueError(
+            f"`labeled_fraction`={labeled_fraction} labels all {len(train)} training images of {root}, "
+            "which leaves no unlabeled image; lower `labeled_fraction` or give `unlabeled_dir`."
+        )
+    return DataSplit(
+        labeled=[pairs[n] for n in sorted(labeled)],
+        unlabeled=unlabeled,
+        val=[pairs[n] for n in sorted(val)],
+        test=[pairs[n] for n in sorted(test)],
+    )
+
+
+class FolderDataModule(SemiSupervisedDataModule):
+    """Your own image/mask folder as a semi-supervised datamodule.
+
+    ``root/images`` and ``root/masks`` hold the pairs, matched by file stem (extensions may differ:
+    jpg, jpeg, png, bmp, tif, tiff). Masks may be 0/1, 0/255, RGB or JPEG-compressed (thresholded at
+    half their range). The pairs are split into train/val/test either by split files (one file stem
+    per line) or by fractions of a seeded shuffle; the labeled subset of the training set comes from
+    ``labeled_split`` or ``labeled_fraction`` (nested across fractions for one ``split_seed``). The other
+    training images are unlabeled (their masks are never opened in training), joined by the images of
+    ``unlabeled_dir`` if given. See ``docs/data.md``.
+
+    Args:
+        root: Folder holding the image and mask folders.
+        images_subdir: Name of the image folder in ``root``.
+        masks_subdir: Name of the mask folder in ``root``.
+        train_split: Split file of the training names (with ``val_split``; optionally ``test_split``).
+        val_split: Split file of the validation names.
+        test_split: Split file of the test names (no test set if not given with split files).
+        labeled_split: Split file of the labeled training names (overrides ``labeled_fraction``).
+        val_fraction: Validation fraction when no split files are given.
+        test_fraction: Test fraction when no split files are given.
+        split_seed: Seed of the fraction-based splits and of the labeled subset.
+        unlabeled_dir: Folder of extra unlabeled images (no masks needed).
+        **kwargs: Common arguments of :class:`SemiSupervisedDataModule` (``batch_size``, ``image_size``,
+            ``labeled_fraction``, ...).
+
+    Raises:
+        ValueError: On invalid options.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        images_subdir: str = "images",
+        masks_subdir: str = "masks",
+        train_split: str | None = None,
+        val_split: str | None = None,
+        test_split: str | None = None,
+        labeled_split: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        unlabeled_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (train_split is None) != (val_split is None):
+            raise ValueError("`train_split` and `val_split` go together: give both split files or neither.")
+        if test_split is not None and train_split is None:
+            raise ValueError("`test_split` needs `train_split` and `val_split` as well.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}.")
+        if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"`test_fraction` must be in [0, 1) with val_fraction + test_fraction < 1, "
+                f"got {test_fraction!r}."
+            )
+        if int(split_seed) != split_seed or split_seed < 0:
+            raise ValueError(f"`split_seed` must be a non-negative integer, got {split_seed!r}.")
+        self.root = root
+        self.images_subdir = images_subdir
+        self.masks_subdir = masks_subdir
+        self.train_split = train_split
+        self.val_split = val_split
+        self.test_split = test_split
+        self.labeled_split = labeled_split
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.split_seed = int(split_seed)
+        self.unlabeled_dir = unlabeled_dir
+
+    def _root(self) -> Path:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"The data root {root} does not exist. Create it with `{self.images_subdir}/` and "
+                f"`{self.masks_subdir}/` folders of images and masks, or fix `root`."
+            )
+        return root
+
+    def build_split(self) -> DataSplit:  # noqa: D102
+        return split_folder(
+            self._root(),
+            images_subdir=self.images_subdir,
+            masks_subdir=self.masks_subdir,
+            train_split=self.train_split,
+            val_split=self.val_split,
+            test_split=self.test_split,
+            labeled_split=self.labeled_split,
+            labeled_fraction=self.labeled_fraction,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            split_seed=self.split_seed,
+            unlabeled_dir=self.unlabeled_dir,
+        )
