@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gpcps_lightning import GPCPSModule
 from gpcps_lightning.callbacks import PREDICTION_COLOR, overlay_mask
-from gpcps_lightning.predict import Segmenter, list_images, read_image
+from gpcps_lightning.data.io import read_image
+from gpcps_lightning.predict import Segmenter, list_images
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -48,8 +48,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
         image_size=args.image_size,
         mean=args.mean,
         std=args.std,
-        # Used only when the checkpoint does not name its class (a plain Trainer's checkpoint).
-        model_class=None if _names_class(args.checkpoint) else GPCPSModule,
         threshold=args.threshold,
         device=args.device,
         batch_size=args.batch_size,
@@ -73,12 +71,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 )
     print(f"Wrote {len(written)} masks to {out / 'masks'}")
     return written
-
-
-def _names_class(checkpoint: str) -> bool:
-    from gpcps_lightning.predict import read_checkpoint
-
-    return "_class_path" in (read_checkpoint(checkpoint).get("hyper_parameters") or {})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from gpcps_lightning._io import atomic_path
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch
-from gpcps_lightning.predict import read_image
+from gpcps_lightning.data.io import read_image
 
 __all__ = [
     "GROUND_TRUTH_COLOR",

@@ -45,7 +45,8 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> None:
 
 def _describe_load_error(path: str, err: BaseException) -> str:
     text = str(err)
-    if "Weights only load failed" in text:
+    # A refused Python object is reported as an "Unsupported global"; garbage bytes fail differently.
+    if "Weights only load failed" in text and "Unsupported global" in text:
         return (
             f"Checkpoint {path} holds Python objects other than tensors and plain data, so it was not "
             "loaded with weights_only=True. Load it with weights_only=False only if you trust where it "

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from gpcps_lightning._io import atomic_path
+from gpcps_lightning.checkpointing import read_checkpoint
 from gpcps_lightning.module import SegmentationModule
-from gpcps_lightning.predict import Preprocessing, load_module, read_checkpoint
+from gpcps_lightning.predict import Preprocessing, load_module
 
 __all__ = ["ExportedHead", "export_onnx", "export_torchscript", "main"]
 

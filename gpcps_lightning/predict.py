@@ -1,7 +1,8 @@
 """Segment in-memory images with a trained module: masks come back at each image's original size.
 
-The preprocessing is the datamodules' (RGB, resize to the training size, scale to [0, 1], normalise with
-the datamodule's ``mean``/``std``). Its parameters are read from the checkpoint when the datamodule saved
+The preprocessing is the datamodules' own code (:mod:`gpcps_lightning.data.io` for reading and resizing,
+:func:`gpcps_lightning.data.transforms.normalize`), so an in-memory image gives the same network input as
+the same image read from a folder. Its parameters are read from the checkpoint when the datamodule saved
 its hyperparameters (the ``gpcps`` command and any datamodule that calls ``save_hyperparameters`` do);
 otherwise they are given explicitly.
 
@@ -27,18 +28,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
+from gpcps_lightning.data.io import list_image_files, resize_image, to_rgb_uint8
+from gpcps_lightning.data.transforms import normalize
 from gpcps_lightning.module import SegmentationModule
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "ImageLike",
     "Preprocessing",
     "Segmenter",
     "list_images",
     "load_module",
     "preprocess",
-    "read_checkpoint",
-    "read_image",
     "resize_to_original",
     "to_rgb_array",
 ]
@@ -46,63 +47,18 @@ __all__ = [
 #: An image the prediction helpers accept: a PIL image (any mode) or a uint8 array (H, W, 3) or (H, W).
 ImageLike = Image.Image | np.ndarray
 
-#: File suffixes of the image formats read from a folder (case-insensitive).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """The image files of a folder (not recursive, suffixes :data:`IMAGE_SUFFIXES`), sorted by name.
+    """The image files of a folder, sorted by name, checked as the datamodules check their folders.
+
+    Hidden files are ignored; anything else without a supported extension (``IMAGE_EXTENSIONS`` of
+    :mod:`gpcps_lightning.data.io`) is an error rather than being skipped.
 
     Raises:
-        FileNotFoundError: If the folder does not exist or holds no image.
+        FileNotFoundError: If the folder does not exist.
+        ValueError: If it holds no image, unsupported entries, or two images with the same stem.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {os.fspath(folder)!r} does not exist.")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(
-            f"Image folder {os.fspath(folder)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})."
-        )
-    return files
-
-
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as uint8 RGB, with tifffile for TIFFs that Pillow cannot decode.
-
-    Args:
-        path: The file.
-
-    Returns:
-        Array of shape (H, W, 3), dtype uint8 (16-bit or float TIFFs are min-max scaled to 0-255).
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be decoded.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"Image {os.fspath(path)!r} does not exist.")
-    try:
-        with Image.open(file) as image:
-            return to_rgb_array(image)
-    except (OSError, ValueError) as err:
-        pil_error = err
-    if file.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            array = np.asarray(tifffile.imread(file))
-        except Exception as err:  # tifffile raises several types on corrupt input
-            raise ValueError(f"Cannot decode image {os.fspath(path)!r}: {err}") from err
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)  # planar (C, H, W) TIFF
-        if array.dtype != np.uint8:
-            array = array.astype(np.float64)
-            span = float(array.max() - array.min())
-            array = np.round(255.0 * (array - array.min()) / (span if span > 0 else 1.0)).astype(np.uint8)
-        return to_rgb_array(array)
-    raise ValueError(f"Cannot decode image {os.fspath(path)!r}: {pil_error}")
+    return list(list_image_files(Path(folder), "images").values())
 
 
 def _pair(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
@@ -230,15 +186,11 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
             f"Image arrays must be uint8 (0-255), got {image.dtype}; convert with "
             "(array * 255).round().astype(np.uint8) if it holds values in [0, 1]."
         )
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) or image.size == 0:
         raise ValueError(
             f"Image arrays must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}."
         )
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
+    return np.array(to_rgb_uint8(image))  # a writable copy, for torch.from_numpy
 
 
 def preprocess(
@@ -246,8 +198,8 @@ def preprocess(
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """Turn images of any size into one normalised batch at the training size.
 
-    Each image is scaled to [0, 1], resized (bilinear, antialiased) to ``preprocessing.image_size`` and
-    normalised with ``preprocessing.mean`` / ``std``.
+    Each image is resized to ``preprocessing.image_size`` and normalised with ``preprocessing.mean`` /
+    ``std`` by the same functions the datamodules use.
 
     Args:
         images: The images (see :func:`to_rgb_array` for what is accepted).
@@ -264,19 +216,13 @@ def preprocess(
     """
     if len(images) == 0:
         raise ValueError("`images` is empty: give at least one image.")
-    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
     tensors, sizes = [], []
     for image in images:
         array = to_rgb_array(image)
         sizes.append((int(array.shape[0]), int(array.shape[1])))
-        x = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-        if tuple(x.shape[-2:]) != preprocessing.image_size:
-            x = F.interpolate(
-                x, size=preprocessing.image_size, mode="bilinear", align_corners=False, antialias=True
-            )
-        tensors.append(x)
-    return (torch.cat(tensors) - mean) / std, sizes
+        resized = np.ascontiguousarray(resize_image(array, preprocessing.image_size))
+        tensors.append(torch.from_numpy(resized).permute(2, 0, 1))
+    return normalize(torch.stack(tensors), preprocessing.mean, preprocessing.std), sizes
 
 
 def resize_to_original(probabilities: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
@@ -308,40 +254,19 @@ def resize_to_original(probabilities: Tensor, sizes: Sequence[tuple[int, int]]) 
     return out
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU without unpickling arbitrary objects (``weights_only=True``).
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is unreadable, truncated, or not a Lightning checkpoint.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {os.fspath(path)!r} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"Could not read checkpoint {os.fspath(path)!r} ({type(err).__name__}: {err}). "
-            "Give a .ckpt file written by Lightning (e.g. runs/<name>/checkpoints/best.ckpt)."
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{os.fspath(path)!r} is not a Lightning checkpoint (it has no 'state_dict').")
-    return checkpoint
-
-
 def load_module(
     checkpoint: str | os.PathLike[str] | Mapping[str, Any],
     model_class: type[SegmentationModule] | None = None,
 ) -> SegmentationModule:
     """Build the module a checkpoint was trained with and load its weights (on the CPU, in eval mode).
 
-    The class comes from the checkpoint when the ``gpcps`` command (any ``LightningCLI``) wrote it;
-    a checkpoint from a plain ``Trainer`` does not record it, so ``model_class`` is needed then.
+    The class comes from the checkpoint: every module of the library records it (and so does a
+    ``LightningCLI``); ``model_class`` overrides it.
 
     Args:
         checkpoint: Path of a ``.ckpt`` file or an already loaded checkpoint dictionary.
-        model_class: The :class:`SegmentationModule` subclass to build (e.g. ``GPCPSModule``); required
-            only when the checkpoint does not name its class.
+        model_class: The :class:`SegmentationModule` subclass to build (e.g. ``GPCPSModule``); needed
+            only for a checkpoint that does not name its class.
 
     Returns:
         The module.
@@ -350,21 +275,20 @@ def load_module(
         FileNotFoundError: If the file does not exist.
         ValueError: If it is not a Lightning checkpoint or names no class and ``model_class`` is missing.
     """
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        ckpt = read_checkpoint(checkpoint, expected_class=model_class or SegmentationModule)
+    else:
+        ckpt = dict(checkpoint)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
-    if model_class is not None:
-        hparams.pop("_class_path", None)
-        module = model_class(**hparams)
-    elif "_class_path" in hparams:
-        from lightning.pytorch.cli import instantiate_module
-
-        module = instantiate_module(SegmentationModule, hparams)
-    else:
+    class_path = hparams.pop("_class_path", None) or (ckpt.get(CHECKPOINT_KEY) or {}).get("class")
+    if model_class is None and class_path is None:
         raise ValueError(
-            "The checkpoint does not record which module class wrote it (it was not saved by the gpcps "
-            "command); pass the class, e.g. model_class=GPCPSModule."
+            "The checkpoint does not record which module class wrote it; pass the class, "
+            "e.g. model_class=GPCPSModule."
         )
+    cls = model_class or _import_class(str(class_path))
+    module = cls(**hparams)
     if not isinstance(module, SegmentationModule):
         raise TypeError(
             f"Expected a SegmentationModule subclass, the checkpoint built {type(module).__name__}."
@@ -372,6 +296,17 @@ def load_module(
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
+
+
+def _import_class(path: str) -> type:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(__import__(module_name, fromlist=[name]), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"The checkpoint was written by {path}, which cannot be imported here ({err}); install the "
+            "package that defines it or pass model_class=..."
+        ) from err
 
 
 class Segmenter:
@@ -433,7 +368,7 @@ class Segmenter:
             FileNotFoundError: If ``path`` does not exist.
             ValueError: If the checkpoint is unreadable or lacks what is not given explicitly.
         """
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, expected_class=model_class or SegmentationModule)
         preprocessing = Preprocessing.from_hparams(
             ckpt.get("datamodule_hyper_parameters"),
             image_size,

@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
-from gpcps_lightning.predict import Preprocessing, list_images, preprocess, read_image
+from gpcps_lightning.data.io import read_image
+from gpcps_lightning.predict import Preprocessing, list_images, preprocess
 
 __all__ = ["RandomSquaresDataModule", "read_wandb_run"]
 

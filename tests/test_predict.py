@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gpcps_lightning import GPCPSModule
+from gpcps_lightning.checkpointing import read_checkpoint
 from gpcps_lightning.predict import (
     Preprocessing,
     Segmenter,
     load_module,
     preprocess,
-    read_checkpoint,
     resize_to_original,
     to_rgb_array,
 )
@@ -98,11 +98,9 @@ def test_segmenter_masks_match_module_output(tiny_net: dict[str, Any]) -> None:
         Segmenter(module, preprocessing, threshold=1.0)
 
 
-def _save_checkpoint(path: Path, module: GPCPSModule, class_path: bool, datamodule: bool) -> None:
-    hparams = dict(module.hparams)
-    if class_path:
-        hparams["_class_path"] = "gpcps_lightning.GPCPSModule"
-    ckpt: dict[str, Any] = {"state_dict": module.state_dict(), "hyper_parameters": hparams}
+def _save_checkpoint(path: Path, module: GPCPSModule, datamodule: bool) -> None:
+    ckpt: dict[str, Any] = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)  # what Lightning calls: stamps the module class
     if datamodule:
         ckpt["datamodule_hyper_parameters"] = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.save(ckpt, path)
@@ -116,23 +114,22 @@ def test_segmenter_from_checkpoint(tmp_path: Path, tiny_net: dict[str, Any]) -> 
     assert reference.threshold == 0.4  # taken from the module
 
     full = tmp_path / "full.ckpt"
-    _save_checkpoint(full, module, class_path=True, datamodule=True)
+    _save_checkpoint(full, module, datamodule=True)
     loaded = Segmenter.from_checkpoint(full, device="cpu")
     assert isinstance(loaded.module, GPCPSModule) and not loaded.module.training
     assert loaded.preprocessing == Preprocessing(32, 0.5, 0.25)
     assert np.array_equal(loaded(image)[0], reference(image)[0])
     assert np.allclose(loaded.predict_probabilities(image)[0], reference.predict_probabilities(image)[0])
 
-    bare = tmp_path / "bare.ckpt"  # a plain Trainer's checkpoint: no class, no datamodule hyperparameters
-    _save_checkpoint(bare, module, class_path=False, datamodule=False)
-    with pytest.raises(ValueError, match="model_class=GPCPSModule"):
-        load_module(bare)
+    bare = tmp_path / "bare.ckpt"  # a datamodule without saved hyperparameters
+    _save_checkpoint(bare, module, datamodule=False)
+    assert isinstance(load_module(bare), GPCPSModule)  # the class is always recorded
     with pytest.raises(ValueError, match="image_size, mean, std"):
-        Segmenter.from_checkpoint(bare, model_class=GPCPSModule)
-    explicit = Segmenter.from_checkpoint(
-        bare, image_size=32, mean=0.5, std=0.25, model_class=GPCPSModule, device="cpu"
-    )
+        Segmenter.from_checkpoint(bare)
+    explicit = Segmenter.from_checkpoint(bare, image_size=32, mean=0.5, std=0.25, device="cpu")
     assert np.array_equal(explicit(image)[0], reference(image)[0])
+    with pytest.raises(ValueError, match="model_class=GPCPSModule"):
+        load_module({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)})
 
 
 def test_read_checkpoint_errors(tmp_path: Path) -> None:
@@ -140,7 +137,7 @@ def test_read_checkpoint_errors(tmp_path: Path) -> None:
         read_checkpoint(tmp_path / "missing.ckpt")
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="Could not read checkpoint"):
+    with pytest.raises(ValueError, match="cannot be read"):
         read_checkpoint(broken)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(1)}, foreign)
