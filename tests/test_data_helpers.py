@@ -79,3 +79,23 @@ def record_opens(monkeypatch) -> Iterator[list[str]]:  # type: ignore[no-untyped
         m.setattr(builtins, "open", spy_open)
         m.setattr(Image, "open", spy_pil_open)
         yield opened
+
+
+def write_kvasir_standin(root: Path) -> Path:
+    """A Kvasir-SEG stand-in under root/images and root/masks: the 1000 shipped names as tiny pairs."""
+    from gpcps_lightning.data import read_split_file
+    from gpcps_lightning.data.kvasir import kvasir_seg_resource
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    names = [
+        n for split in ("train", "val", "test") for n in read_split_file(kvasir_seg_resource(f"{split}.txt"))
+    ]
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2:6, 3:9] = 255
+    image = np.zeros((10, 12, 3), np.uint8)
+    image[..., 0] = 150
+    for name in names:
+        Image.fromarray(image).save(root / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    return root

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_helpers import record_opens
+from test_data_helpers import record_opens, write_kvasir_standin
 
 from gpcps_lightning import KvasirSEGDataModule, SemiSupervisedBatch
 from gpcps_lightning.data import read_split_file
@@ -36,18 +36,9 @@ def _shipped(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Kvasir-SEG stand-in: the 1000 shipped names as tiny pairs (not the real images)."""
-    root = tmp_path_factory.mktemp("kvasir") / "Kvasir-SEG"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    names = _shipped("train") + _shipped("val") + _shipped("test")
-    mask = np.zeros((10, 12), np.uint8)
-    mask[2:6, 3:9] = 255
-    image = np.zeros((10, 12, 3), np.uint8)
-    image[..., 0] = 150
-    for name in names:
-        Image.fromarray(image).save(root / "images" / f"{name}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
-    return root.parent
+    root = tmp_path_factory.mktemp("kvasir")
+    write_kvasir_standin(root / "Kvasir-SEG")
+    return root
 
 
 @pytest.mark.parametrize(("fraction", "n_labeled"), [(0.5, 400), (0.25, 200), (0.125, 100), (1 / 16, 50)])
