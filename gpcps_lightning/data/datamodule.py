@@ -20,6 +20,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -216,6 +217,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         self.augmentation: SegmentationAugmentation | None = self.build_augmentation() if augment else None
         self._split: DataSplit | None = None
         self._checked: dict[str, list[tuple[int, int]]] = {}
+        self._resume_position: tuple[int, int] | None = None
         self.train_dataset: SemiSupervisedTrainDataset | None = None
         self.val_dataset: ImageMaskDataset | None = None
         self.test_dataset: ImageMaskDataset | None = None
@@ -263,12 +265,23 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         """Number of unlabeled training images."""
         return len(self.split.unlabeled)
 
+    def _world(self) -> tuple[int, int]:
+        """``(number of ranks, this rank)`` of the attached Trainer, ``(1, 0)`` without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
     @property
     def train_steps_per_epoch(self) -> int:
-        """``steps_per_epoch``, or its default ``ceil((labeled + unlabeled) / batch_size)``."""
+        """Steps per epoch and rank: ``steps_per_epoch`` or ``ceil((labeled + unlabeled) / (batch * ranks))``.
+
+        By default an epoch is one pass over the training images with the global batch
+        ``batch_size * ranks``, so it has the same meaning on one device and on several.
+        """
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
-        return math.ceil((self.num_labeled + self.num_unlabeled) / self.batch_size)
+        return math.ceil((self.num_labeled + self.num_unlabeled) / (self.batch_size * self._world()[0]))
 
     @property
     def _threads(self) -> int:
@@ -339,6 +352,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # A private generator: starting an epoch's iterator must not draw from the global RNG, whose
+            # state a resumed run restores (the order of the data comes from the sampler, not from it).
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
@@ -355,13 +371,22 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """``train_steps_per_epoch`` batches of :class:`~gpcps_lightning.data.CompactTrainBatch`."""
+        """``train_steps_per_epoch`` batches of :class:`~gpcps_lightning.data.CompactTrainBatch` per rank.
+
+        Under a distributed strategy each rank gets its own slice of the training stream; a run resumed
+        from a mid-epoch checkpoint continues the epoch where the checkpoint left it.
+        """
         if self.train_dataset is None:
             self.setup("fit")
+        sampler = self.train_sampler(*self._world())
+        if self._resume_position is not None:
+            epoch, step = self._resume_position
+            sampler.set_start_step(min(step, sampler.steps_per_epoch), epoch=epoch)
+            self._resume_position = None
         return self._loader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=self.train_sampler(),
+            sampler=sampler,
             collate_fn=collate_train,
             drop_last=False,
         )
@@ -370,6 +395,14 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         if dataset is None:
             self.setup(stage)
             dataset = self.val_dataset if stage == "validate" else self.test_dataset
+        replicas, rank = self._world()
+        if replicas > 1:
+            # Each image exactly once over all ranks (Lightning's default sampler would pad the last
+            # shard with repeated images, which biases a per-image mean); the metrics gather the ranks.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+            return self._loader(
+                dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_evaluation
+            )
         return self._loader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_evaluation)
 
     def val_dataloader(self) -> DataLoader:
@@ -445,6 +478,33 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             original_sizes=[(int(h), int(w)) for h, w in batch.original_sizes],
             names=list(batch.names),
         )
+
+    # ----------------------------------------------------------------- resuming
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training stream stands (saved in checkpoints): epoch, and steps done in it."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        # Optimizer steps of this epoch done when the checkpoint is written ("processed": the step ran,
+        # its end-of-batch hooks, where mid-epoch checkpoints are written, may still be running).
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        done = getattr(current, "processed", current.completed)
+        return {"epoch": int(trainer.current_epoch), "steps_done": int(done), "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream where a checkpoint left it (see :meth:`state_dict`).
+
+        Raises:
+            ValueError: If the checkpoint's data seed differs from ``seed``.
+        """
+        if not state_dict:
+            return
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            raise ValueError(
+                f"The checkpoint was trained with data seed {state_dict['seed']}, this datamodule has seed "
+                f"{self.seed}; resume with the same `seed` (or start a new run)."
+            )
+        self._resume_position = (int(state_dict["epoch"]), int(state_dict["steps_done"]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Turn the loaders' compact uint8 batches into the library's batch structures, on the device."""

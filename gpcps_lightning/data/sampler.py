@@ -10,10 +10,10 @@ ranks of a distributed run take disjoint slices without communicating.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 __all__ = ["SemiSupervisedPairSampler"]
 
@@ -31,7 +31,7 @@ def _stream(n: int, seed: int, stream: int, positions: np.ndarray) -> np.ndarray
     return out
 
 
-class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
+class SemiSupervisedPairSampler(DistributedSampler):
     """Yields ``(labeled_index, unlabeled_index)`` pairs, ``steps_per_epoch * batch_size`` per epoch and rank.
 
     Global sample position ``p`` of the run (over all epochs and ranks) pairs element ``p`` of the
@@ -41,7 +41,9 @@ class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
     * batch_size``. Ranks therefore see disjoint samples within a pass over a set; a batch repeats an
     image only where it straddles two passes.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch.
+    Lightning calls :meth:`set_epoch` at the start of every epoch. The class derives from
+    ``DistributedSampler`` (it shards by itself), so that Lightning's distributed strategies use it as it
+    is instead of wrapping it in a second sampler that would shard it again.
 
     Args:
         num_labeled: Size of the labeled set.
@@ -79,6 +81,10 @@ class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"`seed` must be a non-negative integer, got {seed}.")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"`rank` must be in [0, {num_replicas}), got {rank}.")
+        # DistributedSampler's own bookkeeping; its dataset-based iteration is replaced below.
+        super().__init__(
+            cast(Any, range(0)), num_replicas=int(num_replicas), rank=int(rank), shuffle=False, seed=int(seed)
+        )
         self.num_labeled = int(num_labeled)
         self.num_unlabeled = int(num_unlabeled)
         self.batch_size = int(batch_size)
@@ -88,6 +94,7 @@ class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
         self.rank = int(rank)
         self.epoch = 0
         self.start_step = 0
+        self._start_epoch: int | None = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.batch_size
@@ -98,11 +105,18 @@ class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"`epoch` must be >= 0, got {epoch}.")
         self.epoch = int(epoch)
 
-    def set_start_step(self, step: int) -> None:
-        """Make the next iteration start at this step of the epoch (for resuming mid-epoch); once only."""
+    def set_start_step(self, step: int, epoch: int | None = None) -> None:
+        """Make the next iteration start at this step of the epoch (for resuming mid-epoch); once only.
+
+        Args:
+            step: Steps of the epoch already done.
+            epoch: Apply the offset only if the next iteration is of this epoch (a run resumed from a
+                checkpoint written at the end of an epoch starts the next epoch from its first step).
+        """
         if not 0 <= step <= self.steps_per_epoch:
             raise ValueError(f"`step` must be in [0, {self.steps_per_epoch}], got {step}.")
         self.start_step = int(step)
+        self._start_epoch = None if epoch is None else int(epoch)
 
     def positions(self, epoch: int) -> np.ndarray:
         """Global stream positions of this rank's samples in ``epoch``, shape (steps * batch_size,)."""
@@ -119,8 +133,9 @@ class SemiSupervisedPairSampler(Sampler[tuple[int, int]]):
         return np.stack([labeled, unlabeled], axis=1)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        pairs = self.pairs(self.epoch)[self.start_step * self.batch_size :]
-        self.start_step = 0
+        start = self.start_step if self._start_epoch in (None, self.epoch) else 0
+        self.start_step, self._start_epoch = 0, None
+        pairs = self.pairs(self.epoch)[start * self.batch_size :]
         yield from map(tuple, pairs.tolist())
 
     def state_dict(self) -> dict[str, Any]:
