@@ -11,17 +11,26 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import random
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gpcps_lightning._io import atomic_path
 
-__all__ = ["CHECKPOINT_KEY", "SafeCheckpointIO", "atomic_write_bytes", "read_checkpoint"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "SafeCheckpointIO",
+    "atomic_write_bytes",
+    "capture_rng_state",
+    "read_checkpoint",
+    "restore_rng_state",
+]
 
 #: Key of the library's metadata in every checkpoint its modules write.
 CHECKPOINT_KEY = "gpcps_lightning"
@@ -41,6 +50,41 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global random-number states of torch (CPU and every CUDA device), NumPy and Python.
+
+    Returned as tensors, numbers and lists only, so that checkpoints holding it load with
+    ``weights_only=True``.
+    """
+    # The legacy global NumPy generator is the one seed_everything seeds and user code draws from.
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    version, state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "state": list(state), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA states only where the devices exist)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
 def _describe_load_error(path: str, err: BaseException) -> str:

@@ -14,12 +14,18 @@ from typing import IO, Any, Literal, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
-from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
+from gpcps_lightning.checkpointing import (
+    CHECKPOINT_KEY,
+    capture_rng_state,
+    read_checkpoint,
+    restore_rng_state,
+)
 from gpcps_lightning.losses import (
     authors_background_mask,
     authors_dice_loss,
@@ -263,11 +269,26 @@ class SegmentationModule(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Stamp the checkpoint with the library version and the module class (checked on loading)."""
+        """Stamp the checkpoint with the library version, the module class and the random-number states.
+
+        The random states (torch, CUDA, NumPy, Python) make a resumed run draw the same fusion weights,
+        augmentations and noise as an uninterrupted one; they are restored only when training resumes
+        (``Trainer.fit(ckpt_path=...)``), never by ``load_from_checkpoint``.
+        """
         from gpcps_lightning import __version__
 
         cls = type(self)
-        checkpoint[CHECKPOINT_KEY] = {"version": __version__, "class": f"{cls.__module__}.{cls.__qualname__}"}
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": __version__,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "rng": capture_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random-number states when a Trainer resumes fitting from ``checkpoint``."""
+        rng = (checkpoint.get(CHECKPOINT_KEY) or {}).get("rng")
+        if rng and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            restore_rng_state(rng)
 
     @classmethod
     def load_from_checkpoint(

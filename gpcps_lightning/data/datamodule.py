@@ -485,11 +485,14 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        # Optimizer steps of this epoch done when the checkpoint is written ("processed": the step ran,
-        # its end-of-batch hooks, where mid-epoch checkpoints are written, may still be running).
-        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        # The batch counters belong to the last epoch that started (the checkpoint may be written after
+        # Lightning already counted that epoch as completed). "processed": the step ran; its end-of-batch
+        # hooks, where mid-epoch checkpoints are written, may still be running.
+        loop = trainer.fit_loop
+        epoch = max(loop.epoch_progress.current.ready - 1, 0)
+        current = loop.epoch_loop.batch_progress.current
         done = getattr(current, "processed", current.completed)
-        return {"epoch": int(trainer.current_epoch), "steps_done": int(done), "seed": self.seed}
+        return {"epoch": int(epoch), "steps_done": int(done), "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream where a checkpoint left it (see :meth:`state_dict`).

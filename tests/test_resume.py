@@ -1,0 +1,104 @@
+"""Exact resume: an interrupted and resumed run ends with the same weights as an uninterrupted one (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY_NET
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gpcps_lightning import GPCPSModule, SyntheticPolypDataModule
+
+STEPS_PER_EPOCH = 3
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def _datamodule(root: Path) -> SyntheticPolypDataModule:
+    # augmentation on: its random draws are part of what must be replayed
+    return SyntheticPolypDataModule(
+        root=str(root),
+        num_images=20,
+        image_size=32,
+        batch_size=2,
+        labeled_fraction=0.25,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        num_workers=0,
+        augment=True,
+    )
+
+
+def _run(
+    root: Path,
+    out: Path,
+    ckpt_path: Path | None = None,
+    extra_callbacks: list | None = None,
+    **trainer_kwargs,
+) -> tuple[GPCPSModule, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    module = GPCPSModule(**TINY_NET)  # the penalty and pseudo labels use eps draws
+    checkpoint = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        deterministic=True,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        callbacks=[checkpoint, *(extra_callbacks or [])],
+        default_root_dir=out,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, _datamodule(root), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def _assert_identical(a: GPCPSModule, b: GPCPSModule) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, different[:5]
+
+
+def test_resume_at_an_epoch_boundary_is_bit_identical(data_root: Path, tmp_path: Path) -> None:
+    full, full_trainer = _run(data_root, tmp_path / "full", max_epochs=2)
+    assert full_trainer.global_step == 2 * STEPS_PER_EPOCH
+    _, first = _run(data_root, tmp_path / "part", max_epochs=1)
+    assert first.global_step == STEPS_PER_EPOCH
+    # A different global random state before resuming: the checkpoint's must replace it.
+    torch.manual_seed(12345)
+    resumed, trainer = _run(
+        data_root, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt", max_epochs=2
+    )
+    assert trainer.global_step == 2 * STEPS_PER_EPOCH
+    _assert_identical(full, resumed)
+
+
+def test_resume_mid_epoch_is_bit_identical(data_root: Path, tmp_path: Path) -> None:
+    # The uninterrupted run also writes a checkpoint after step 4, i.e. after the first step of epoch 2.
+    mid = ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=STEPS_PER_EPOCH + 1, save_top_k=-1)
+    full, _ = _run(data_root, tmp_path / "full", max_epochs=2, extra_callbacks=[mid])
+    (written,) = (tmp_path / "mid").glob("*.ckpt")
+    assert "step=4" in written.name
+    resumed, trainer = _run(data_root, tmp_path / "part", ckpt_path=written, max_epochs=2)
+    assert trainer.global_step == 2 * STEPS_PER_EPOCH
+    _assert_identical(full, resumed)
+
+
+def test_control_without_restored_random_state_differs(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume test can fail: without the saved random states the resumed run drifts."""
+    full, _ = _run(data_root, tmp_path / "full", max_epochs=2)
+    _run(data_root, tmp_path / "part", max_epochs=1)
+    monkeypatch.setattr("gpcps_lightning.module.restore_rng_state", lambda state: None)
+    torch.manual_seed(12345)
+    resumed, _ = _run(data_root, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt", max_epochs=2)
+    with pytest.raises(AssertionError):
+        _assert_identical(full, resumed)
