@@ -26,10 +26,10 @@ sys.path.insert(0, str(WORKER.parent))
 from ddp_gradients import TINY_NET  # noqa: E402
 
 
-def _run_worker(out: Path, *flags: str) -> None:
+def _run_worker(out: Path, *flags: str, script: Path = WORKER) -> None:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
-        [sys.executable, str(WORKER), str(out), *flags], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), *flags, str(out)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -125,3 +125,28 @@ def test_gradient_sync_batchnorm_refuses_other_norm_layers() -> None:
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\)"):
         GradientSyncBatchNorm().apply(model)
+
+
+def test_ddp_ranks_draw_distinct_training_samples_and_every_validation_image_once(tmp_path: Path) -> None:
+    _run_worker(tmp_path, str(tmp_path / "data"), script=WORKER.parent / "ddp_data.py")
+    ranks = [_load(tmp_path, f"sampler_rank{r}.pt") for r in range(2)]
+    for r, info in enumerate(ranks):
+        assert info["sampler_class"] == "SemiSupervisedPairSampler"  # not re-wrapped by Lightning
+        assert (info["num_replicas"], info["rank"]) == (2, r)
+    # 30 generated images: 24 train = 6 labeled + 18 unlabeled; batch 2 per rank on 2 ranks
+    assert ranks[0]["num_train_batches"] == ranks[1]["num_train_batches"] == 6  # ceil(24 / (2 * 2))
+    # Interleave the ranks' draws back into the global stream (step s of rank r holds positions
+    # (2 s + r) * 2 and the next one): within one pass over a set no image is drawn twice, so the ranks
+    # drew distinct samples, and together they cover the set.
+    stream = [None] * 24
+    for r, info in enumerate(ranks):
+        for i, pair in enumerate(info["pairs_epoch0"]):
+            step, j = divmod(i, 2)
+            stream[(2 * step + r) * 2 + j] = pair
+    assert sorted(u for _, u in stream[:18]) == list(range(18))  # 18 unlabeled images
+    assert sorted(lab for lab, _ in stream[:6]) == list(range(6))  # 6 labeled images
+    assert sorted(lab for lab, _ in stream[6:12]) == list(range(6))  # reshuffled next cycle
+    for info in ranks:
+        assert info["val_sampler_class"] == "UnrepeatedDistributedSampler"
+    seen = sorted(ranks[0]["val_indices"] + ranks[1]["val_indices"])
+    assert seen == list(range(ranks[0]["num_val_images"]))  # each validation image exactly once

@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py: two CPU ranks (gloo) train GP-CPS for a few steps under DDP.
 
-Usage: python ddp_gradients.py OUT_DIR [--sync-batchnorm]
+Usage: python ddp_gradients.py [--sync-batchnorm] OUT_DIR
 
 With ``--sync-batchnorm`` the batch statistics are synchronised by ``GradientSyncBatchNorm``.
 
@@ -78,7 +78,7 @@ class Recorder(L.Callback):
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out = Path(sys.argv[-1])
     sync_bn = "--sync-batchnorm" in sys.argv
     L.seed_everything(0, verbose=False)
     module = GPCPSModule(**TINY_NET)
