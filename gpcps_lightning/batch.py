@@ -103,6 +103,24 @@ class EvaluationBatch:
         """Number of images in the batch."""
         return int(self.image.shape[0])
 
+    def validate(self) -> None:
+        """Check shapes, and that there is one original mask per image when they are given.
+
+        Raises:
+            TypeError: If ``image`` or ``mask`` is not a tensor.
+            ValueError: If shapes or dtypes do not match the documented ones.
+        """
+        _check_image("image", self.image)
+        _check_image("mask", self.mask)
+        n, _, h, w = self.image.shape
+        if self.mask.shape != (n, 1, h, w):
+            raise ValueError(f"`mask` must have shape {(n, 1, h, w)}, got {tuple(self.mask.shape)}.")
+        if self.original_masks is not None and len(self.original_masks) != n:
+            raise ValueError(
+                f"`original_masks` must hold one mask per image ({n}), got {len(self.original_masks)}; "
+                "give every image's mask or set original_masks=None."
+            )
+
 
 @dataclass
 class PredictionBatch:

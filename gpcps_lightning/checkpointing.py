@@ -138,6 +138,12 @@ def read_checkpoint(
                 checkpoint = torch.load(f, map_location=map_location, weights_only=weights_only)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise ValueError(_describe_load_error(name, err)) from err
+    except OSError as err:
+        # A file cut short inside the zip's directory fails with EINVAL on a seek; errors of opening the
+        # file (permissions, a folder) already say what is wrong.
+        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        raise ValueError(_describe_load_error(name, err)) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
             f"{name} is not a Lightning checkpoint (it has no 'state_dict'). Pass a .ckpt file written by "

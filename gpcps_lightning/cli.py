@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from gpcps_lightning import __version__
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, PredictionWriter, ValidationImagePanel
-from gpcps_lightning.checkpointing import SafeCheckpointIO
+from gpcps_lightning.checkpointing import SafeCheckpointIO, read_checkpoint
 from gpcps_lightning.loggers import resolve_wandb_mode
 from gpcps_lightning.module import SegmentationModule
 
@@ -187,6 +187,18 @@ class GPCPSCLI(LightningCLI):
             # Atomic writes and clear errors for truncated or foreign checkpoints (docs/errors.md).
             config = {**config, "plugins": [*plugins, SafeCheckpointIO()]}
         return super()._instantiate_trainer(config, kept)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the hyperparameters of --ckpt_path with a bare torch.load, before the checkpoint
+        # I/O plugin sees the file: a truncated or foreign file would fail there with PyTorch's own error.
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and os.path.isfile(ckpt_path):
+                read_checkpoint(ckpt_path)  # raises the error that names the file and says what to do
+            raise
 
     def _resolve_best(self) -> None:
         subcommand = str(self.subcommand)

@@ -349,7 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import importlib
 
         module_name, _, name = args.model_class.rpartition(".")
-        model_class = getattr(importlib.import_module(module_name), name)
+        try:
+            model_class = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            parser.error(
+                f"--model-class {args.model_class!r} cannot be imported ({err}); give the full class path, "
+                "e.g. gpcps_lightning.GPCPSModule."
+            )
     ckpt = read_checkpoint(args.checkpoint)
     module = load_module(ckpt, model_class)
     size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size

@@ -240,6 +240,7 @@ class SegmentationModule(L.LightningModule):
             raise TypeError(
                 f"{stage} batches must be gpcps_lightning.EvaluationBatch, got {type(batch).__name__}."
             )
+        batch.validate()
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         probs = self.head_probabilities(batch.image)
         for head, p in probs.items():

@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,8 +179,10 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         super().__init__()
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or any(isinstance(s, bool) or int(s) != s or s < 1 for s in size):
+        size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        if len(size) != 2 or any(
+            not isinstance(s, Real) or isinstance(s, bool) or int(s) != s or s < 1 for s in size
+        ):
             raise ValueError(
                 f"`image_size` must be a positive integer or a (height, width) pair of them, "
                 f"got {image_size!r}."
@@ -645,6 +648,11 @@ def split_folder(
     unlabeled = [pairs[n].image for n in sorted(train) if n not in labeled_set]
     if unlabeled_dir is not None:
         unlabeled += list(list_image_files(Path(unlabeled_dir), "unlabeled images").values())
+    if not unlabeled and labeled_split is not None:
+        raise ValueError(
+            f"`labeled_split` {labeled_split} lists all {len(train)} training images of {root}, which leaves "
+            "no unlabeled image; remove some names from it or give `unlabeled_dir`."
+        )
     if not unlabeled:
         raise ValueError(
             f"`labeled_fraction`={labeled_fraction} labels all {len(train)} training images of {root}, "

@@ -138,7 +138,7 @@ def verify_manifest(data_dir: str | Path, manifest: str | Path | None = None) ->
         The number of files verified.
 
     Raises:
-        ValueError: If files are missing or differ (listed), or the manifest is malformed.
+        ValueError: If files are missing or differ (listed), or the manifest is malformed or empty.
     """
     data_dir = Path(data_dir)
     manifest = Path(manifest) if manifest is not None else kvasir_seg_resource("SHA256SUMS")
@@ -156,6 +156,11 @@ def verify_manifest(data_dir: str | Path, manifest: str | Path | None = None) ->
             missing.append(rel)
         elif sha256_file(path) != digest:
             different.append(rel)
+    if count == 0:
+        raise ValueError(
+            f"The manifest {manifest} lists no file, so it would verify nothing; give one "
+            "'<sha256>  <path>' line per file."
+        )
     if missing or different:
         parts = []
         if missing:
