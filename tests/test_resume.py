@@ -102,3 +102,10 @@ def test_control_without_restored_random_state_differs(
     resumed, _ = _run(data_root, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt", max_epochs=2)
     with pytest.raises(AssertionError):
         _assert_identical(full, resumed)
+
+
+def test_resume_with_another_data_seed_is_refused() -> None:
+    data = SyntheticPolypDataModule(root="unused", num_images=4, seed=1)
+    data.load_state_dict({})  # a checkpoint without data position (e.g. another datamodule's) is fine
+    with pytest.raises(ValueError, match="trained with data seed 0, this datamodule has seed 1"):
+        data.load_state_dict({"epoch": 0, "steps_done": 2, "seed": 0})
