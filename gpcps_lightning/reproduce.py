@@ -141,6 +141,7 @@ def _make_module(spec: MethodSpec, args: argparse.Namespace, seed: int) -> Any:
         arch=args.arch,
         encoder_name=args.encoder,
         encoder_weights=None if args.encoder_weights in (None, "none", "None") else args.encoder_weights,
+        lr=args.lr,
     )
     # Different runs differ in their seeds only: network initialisation included.
     if "seeds" in _init_params(cls):
@@ -240,6 +241,7 @@ def run_one(args: argparse.Namespace, method: str, fraction: float, seed: int) -
         "batch_size": args.batch_size,
         "arch": args.arch,
         "encoder": args.encoder,
+        "lr": args.lr,
         "data": args.data,
         "selection_head": module.selection_head,
         "val": {k.removeprefix("val/"): v for k, v in val.items()},
@@ -400,6 +402,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--arch", default="Unet")
     run.add_argument("--encoder", default="resnet34")
     run.add_argument("--encoder-weights", default=None)
+    run.add_argument(
+        "--lr", type=float, default=1e-4, help="Adam learning rate of every method (paper: 1e-4)"
+    )
     run.add_argument("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
     run.add_argument("--accelerator", default="auto")
     run.add_argument("--num-workers", type=int, default=None)
