@@ -182,7 +182,7 @@ class SupervisedModule(SegmentationModule):
     head. Logged: ``train/loss``, ``train/loss_sup``.
 
     Args:
-        seed: Initialisation seed of ``net1`` (GP-CPS's ``net1`` uses 1 by default, so the two start
+        network_seed: Initialisation seed of ``net1`` (GP-CPS's ``net1`` uses 1 by default, so the two start
             from the same weights).
         dice: ``"soft"`` per-sample soft Dice (specification) or ``"authors"`` batch-global Dice, as
             in :class:`GPCPSModule`.
@@ -192,11 +192,11 @@ class SupervisedModule(SegmentationModule):
     head_names = ("net1",)
     selection_head = "net1"
 
-    def __init__(self, seed: int = 1, dice: DiceVariant = "soft", **kwargs: Any) -> None:
+    def __init__(self, network_seed: int = 1, dice: DiceVariant = "soft", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._dice = _dice_function(dice)
         self.save_hyperparameters()
-        self.net1 = self.make_network(seed)
+        self.net1 = self.make_network(network_seed)
 
     def trained_networks(self) -> Sequence[nn.Module]:  # noqa: D102
         return (self.net1,)
@@ -370,7 +370,7 @@ class MeanTeacherModule(SegmentationModule):
             independently for student and teacher (Mean Teacher's reference code: 0.15 on normalised
             images). 0 disables it.
         noise_clip: Clip the noise to ``[-noise_clip, noise_clip]``, or ``None`` (default).
-        seed: Initialisation seed of the student (and so of the teacher).
+        network_seed: Initialisation seed of the student (and so of the teacher).
         dice: ``"soft"`` per-sample soft Dice (specification) or ``"authors"`` batch-global Dice.
         **kwargs: Network, optimizer and evaluation arguments of :class:`SegmentationModule`.
     """
@@ -386,7 +386,7 @@ class MeanTeacherModule(SegmentationModule):
         ema_decay_after_rampup: float | None = None,
         noise_std: float = 0.15,
         noise_clip: float | None = None,
-        seed: int = 1,
+        network_seed: int = 1,
         dice: DiceVariant = "soft",
         **kwargs: Any,
     ) -> None:
@@ -412,7 +412,7 @@ class MeanTeacherModule(SegmentationModule):
         )
         self.noise_std = float(noise_std)
         self.noise_clip = noise_clip
-        self.student = self.make_network(seed)
+        self.student = self.make_network(network_seed)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
 

@@ -146,8 +146,8 @@ def _make_module(spec: MethodSpec, args: argparse.Namespace, seed: int) -> Any:
     # Different runs differ in their seeds only: network initialisation included.
     if "seeds" in _init_params(cls):
         kwargs["seeds"] = (2 * seed + 1, 2 * seed + 2)
-    elif "seed" in _init_params(cls):
-        kwargs["seed"] = 2 * seed + 1
+    elif "network_seed" in _init_params(cls):
+        kwargs["network_seed"] = 2 * seed + 1
     return cls(**kwargs)
 
 

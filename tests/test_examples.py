@@ -115,3 +115,27 @@ def test_config_runs_two_steps(files: list[Path], tmp_path: Path, monkeypatch: p
     expected = merged.get("trainer", {}).get("precision")
     if expected is not None:
         assert str(cli.trainer.precision) == str(expected)
+
+
+def test_module_and_datamodule_arguments_do_not_clash() -> None:
+    """Lightning refuses to log a run whose module and datamodule share an argument name with two values."""
+    import inspect
+
+    from gpcps_lightning import (
+        CPSModule,
+        FolderDataModule,
+        GPCPSModule,
+        KvasirSEGDataModule,
+        MeanTeacherModule,
+        SegmentationModule,
+        SupervisedModule,
+        SyntheticPolypDataModule,
+    )
+    from gpcps_lightning.data import SemiSupervisedDataModule
+
+    def names(*classes: type) -> set[str]:
+        return {p for c in classes for p in inspect.signature(c).parameters if p != "kwargs"}
+
+    data = names(SemiSupervisedDataModule, FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule)
+    for module in (GPCPSModule, SupervisedModule, CPSModule, MeanTeacherModule):
+        assert not names(module, SegmentationModule) & data, module.__name__

@@ -71,3 +71,37 @@ def test_bad_run_arguments_are_rejected(tmp_path: Path) -> None:
         main(["run", "--fractions", "1.5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["run", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_run_trains_selects_tests_and_skips_finished_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "run",
+        "--methods", "supervised", "gpcps",
+        "--fractions", "0.25",
+        "--seeds", "0",
+        "--max-steps", "2",
+        "--val-every", "1",
+        "--image-size", "32",
+        "--batch-size", "2",
+        "--encoder", "tu-resnet18",
+        "--data", "synthetic",
+        "--data-root", str(tmp_path / "data"),
+        "--synthetic-images", "20",
+        "--num-workers", "0",
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    records = load_records(tmp_path / "out")
+    assert {r["method"] for r in records} == {"supervised", "gpcps"}
+    for r in records:
+        assert r["fraction"] == 0.25 and r["seed"] == 0 and r["best_step"] in (1, 2)
+        head = r["selection_head"]
+        assert 0.0 <= r["test"][f"dice_{head}"] <= 1.0 and 0.0 <= r["val"][f"dice_{head}"] <= 1.0
+        assert r["commit"] and r["machine"] and r["wall_time_s"] > 0
+    gpcps = next(r for r in records if r["method"] == "gpcps")
+    assert {"dice_net1", "dice_net2", "dice_ensemble", "iou_ensemble"} <= gpcps["test"].keys()
+    capsys.readouterr()
+    assert main(args) == 0  # everything done: nothing is trained again
+    assert capsys.readouterr().out.count("done, skipped") == 2
