@@ -83,17 +83,17 @@ def test_finish_amortizes_the_lazy_penalty_over_windows() -> None:
     config = tiny_config(steps=4, warmup=1, lazy_k=2).checked()
     # Steps 0 and 1 count FLOPs (with and without penalty), step 2 warms up, steps 3..6 are timed
     # (penalty on the even global steps 4 and 6), step 7 only closes the timing.
-    durations = [9.0, 9.0, 9.0, 1.0, 3.0, 1.0, 5.0]
+    durations = [9.0, 9.0, 9.0, 2.0, 3.0, 1.0, 5.0]
     starts = [sum(durations[:i]) for i in range(len(durations) + 1)]
     result = bench._finish("gpcps_lazy", config, starts, [10, 4], memory_before=None, losses={"loss": 1.0})
-    assert result.step_times_s == [1.0, 3.0, 1.0, 5.0]
-    assert result.median_step_s == pytest.approx((2.0 + 3.0) / 2)  # windows (1+3)/2 and (1+5)/2
-    assert result.min_step_s == pytest.approx(2.0)
+    assert result.step_times_s == [2.0, 3.0, 1.0, 5.0]
+    assert result.median_step_s == pytest.approx((2.5 + 3.0) / 2)  # windows (2+3)/2 and (1+5)/2
+    assert result.min_step_s == pytest.approx((3.0 + 1.0) / 2)  # fastest penalty and fastest other step
     assert result.penalty_step_s == pytest.approx(4.0)
-    assert result.no_penalty_step_s == pytest.approx(1.0)
+    assert result.no_penalty_step_s == pytest.approx(1.5)
     assert result.flops_per_step == pytest.approx((10 + 4) / 2)
-    assert result.achieved_flops_per_s == pytest.approx(7.0 / 2.5)
-    assert result.images_per_s == pytest.approx(2 / 2.5)
+    assert result.achieved_flops_per_s == pytest.approx(7.0 / 2.75)
+    assert result.images_per_s == pytest.approx(2 / 2.75)
 
 
 def test_finish_plain_kind_takes_the_median_after_warmup() -> None:
