@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -249,6 +250,14 @@ def _rss_bytes() -> int | None:
 
 def _peak_rss_bytes() -> int | None:
     """Peak resident set size of this process, else ``None`` where the platform does not say."""
+    # /proc's VmHWM is consistent with its VmRSS (getrusage's figure can lag the current RSS).
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -345,7 +354,7 @@ class _CycleDataset(Dataset):
         return self.batches[index % len(self.batches)]
 
 
-def _identity(item: SemiSupervisedBatch) -> SemiSupervisedBatch:
+def _identity(item: Any) -> Any:
     return item
 
 
@@ -398,6 +407,8 @@ def _finish(
     first = _n_flop_steps(kind, config) + config.warmup
     timed = _n_timed_steps(kind, config)
     times = [starts[i + 1] - starts[i] for i in range(first, first + timed)]
+    penalty_s: float | None = None
+    no_penalty_s: float | None = None
     if kind == "gpcps_lazy":
         k = config.lazy_k
         windows = [statistics.fmean(times[j : j + k]) for j in range(0, timed, k)]
@@ -412,7 +423,6 @@ def _finish(
         step_flops = flops[0] if k == 1 else (flops[0] + (k - 1) * flops[1]) / k
     else:
         median, best = statistics.median(times), min(times)
-        penalty_s = no_penalty_s = None
         step_flops = float(flops[0])
     peak, measure = _memory_peak(torch.device(config.device))
     return KindResult(
@@ -488,7 +498,7 @@ def _trainer(config: BenchConfig, max_steps: int, callbacks: list[Callback]) -> 
 def _lightning_module(kind: str, config: BenchConfig) -> GPCPSModule:
     module = GPCPSModule(seeds=_SEEDS, **_module_kwargs(kind, config), **config.network_args())
     if config.channels_last:
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        module = module.to(memory_format=torch.channels_last)
     return module
 
 
@@ -519,8 +529,12 @@ class _PlainGPCPS:
         self.device = config.torch_device
         self.penalty = penalty
         fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.net1 = build_network(seed=_SEEDS[0], **config.network_args()).to(self.device, memory_format=fmt)
-        self.net2 = build_network(seed=_SEEDS[1], **config.network_args()).to(self.device, memory_format=fmt)
+        self.net1 = (
+            build_network(seed=_SEEDS[0], **config.network_args()).to(self.device).to(memory_format=fmt)
+        )
+        self.net2 = (
+            build_network(seed=_SEEDS[1], **config.network_args()).to(self.device).to(memory_format=fmt)
+        )
         self.net1.train()
         self.net2.train()
         self.opt1 = torch.optim.Adam(self.net1.parameters(), **_ADAM)  # type: ignore[arg-type]
@@ -598,7 +612,7 @@ def _run_plain(config: BenchConfig, batches: Sequence[SemiSupervisedBatch]) -> K
         _synchronize(device)
         starts.append(time.perf_counter())
         if i == 0:
-            flops.append(count_step_flops(lambda b=batch: loop.step(b)))
+            flops.append(count_step_flops(functools.partial(loop.step, batch)))
         else:
             out = loop.step(batch)
     losses = {name: float(value) for name, value in out.items()}
