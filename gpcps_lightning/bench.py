@@ -953,8 +953,16 @@ def profile_step(
         trainer.fit(_lightning_module(kind, config), train_dataloaders=loader)
     if window.profiler is None:
         raise RuntimeError("The profiler did not start; the Trainer ran fewer steps than expected.")
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    (out / f"{kind}_ops.txt").write_text(window.profiler.key_averages().table(sort_by=sort, row_limit=40))
+    averages = window.profiler.key_averages()
+    sort = "self_cpu_time_total"
+    if device.type == "cuda":
+        # PyTorch 2.4 renamed the CUDA column.
+        sort = (
+            "self_device_time_total"
+            if hasattr(averages[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+    (out / f"{kind}_ops.txt").write_text(averages.table(sort_by=sort, row_limit=40))
     window.profiler.export_chrome_trace(str(out / f"{kind}_trace.json"))
 
     phases: dict[str, Any] = {}
