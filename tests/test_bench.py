@@ -222,12 +222,17 @@ def test_profile_writes_tables_and_phases(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "phases.json").read_text())["phases_s"]["gpcps"]["step"] > 0
 
 
-def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
+def _load_gpu_check() -> Any:
     path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     assert spec is not None and spec.loader is not None
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    gpu_check = _load_gpu_check()
     argv = [
         "--out",
         str(tmp_path),
@@ -274,11 +279,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
 def test_gpu_check_peak_memory_check_fails_over_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check_limit", path)
-    assert spec is not None and spec.loader is not None
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _load_gpu_check()
     monkeypatch.setattr(gpu_check, "MEMORY_LIMIT_BYTES", 1)  # nothing fits in one byte
     argv = ["--out", str(tmp_path), *TINY_ARGS, "--precisions", "bf16", "--kinds", "gpcps", "--steps", "3"]
     argv += ["--warmup", "1", "--matmul-size", "64", "--isolate", "no", "--no-profile", "--no-channels-last"]
