@@ -217,8 +217,9 @@ class SupervisedModule(SegmentationModule):
 
     def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:  # noqa: D102
         losses = self.compute_losses(batch)
-        self.optimization_step(losses.total)
-        self.log_losses({"loss": losses.total, "loss_sup": losses.sup}, batch.batch_size)
+        logged = {"loss": losses.total, "loss_sup": losses.sup}
+        self.optimization_step(logged)
+        self.log_losses(logged, batch.batch_size)
         return losses.total.detach()
 
 
@@ -318,10 +319,9 @@ class CPSModule(SegmentationModule):
 
     def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:  # noqa: D102
         losses = self.compute_losses(batch)
-        self.optimization_step(losses.total)
-        self.log_losses(
-            {"loss": losses.total, "loss_sup": losses.sup, "loss_cps": losses.cps}, batch.batch_size
-        )
+        logged = {"loss": losses.total, "loss_sup": losses.sup, "loss_cps": losses.cps}
+        self.optimization_step(logged)
+        self.log_losses(logged, batch.batch_size)
         return losses.total.detach()
 
 
@@ -471,12 +471,11 @@ class MeanTeacherModule(SegmentationModule):
     def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:  # noqa: D102
         step = self.global_step
         losses = self.compute_losses(batch, step)
-        self.optimization_step(losses.total)
+        logged = {"loss": losses.total, "loss_sup": losses.sup, "loss_cons": losses.cons}
         decay = self.ema_decay_at(step)
-        ema_update(self.teacher, self.student, decay)
-        self.log_losses(
-            {"loss": losses.total, "loss_sup": losses.sup, "loss_cons": losses.cons}, batch.batch_size
-        )
+        if self.optimization_step(logged):  # a skipped step leaves the student, so the teacher, as it was
+            ema_update(self.teacher, self.student, decay)
+        self.log_losses(logged, batch.batch_size)
         self.log(
             "train/cons_weight", losses.cons_weight, on_step=True, on_epoch=False, batch_size=batch.batch_size
         )

@@ -87,6 +87,16 @@ NOT_CATALOGUED = {
     ("module.py", "SegmentationModule.load_from_checkpoint", "ValueError"): (
         "re-raises read_checkpoint's message with the file name (catalogued under Checkpoints)"
     ),
+    (
+        "bench.py",
+        "profile_step",
+        "RuntimeError",
+    ): "internal: the profiling window is sized from the steps run",
+    (
+        "bench.py",
+        "_module_kwargs",
+        "ValueError",
+    ): "internal: reached only through run_kind, which checks first",
 }
 
 #: Exception types that are never about user input.
@@ -759,3 +769,31 @@ def test_testing_helper_rejections(tmp_path: Path) -> None:
     chunk = struct.pack("<IHB", 0, 2, 9) + b"xx"  # crc, length, type 9 (types are 1 to 4)
     (tmp_path / "run-x.wandb").write_bytes(b":W&B" + struct.pack("<HB", 0xBEE1, 0) + chunk)
     _raises(lambda: read_wandb_run(tmp_path), ValueError, "unknown chunk type 9 at byte 7")
+
+
+def test_bench_rejections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from gpcps_lightning import bench
+
+    config = bench.BenchConfig(
+        encoder_name="tu-resnet18",
+        network_kwargs={"encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+        image_size=32,
+        batch_size=2,
+        device="cpu",
+        steps=3,
+        warmup=1,
+    )
+    with pytest.raises(ValueError, match="--kinds must be distinct names from"):
+        bench.run_benchmark(config, kinds=["cps", "cps"])
+    with pytest.raises(ValueError, match="--rounds must be at least 1, got 0"):
+        bench.run_benchmark(config, kinds=["cps"], rounds=0)
+    with pytest.raises(ValueError, match="Unknown step kind 'nope'; choose from"):
+        bench.run_kind("nope", config)
+    with pytest.raises(ValueError, match="--profile-kind must be a Lightning step kind, got 'plain'"):
+        bench.profile_step(config, tmp_path, kind="plain")
+    failed = subprocess.CompletedProcess(args=[], returncode=3, stdout="", stderr="worker exploded")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(RuntimeError, match=r"worker for step kind 'cps' failed \(exit 3\):\nworker exploded"):
+        bench._run_kind_isolated("cps", config, threads=1)
