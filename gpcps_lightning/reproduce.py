@@ -186,6 +186,7 @@ def run_one(args: argparse.Namespace, method: str, fraction: float, seed: int) -
     run_dir = out / "runs" / method / _fraction_key(fraction) / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    commit = _commit()  # the code that trains: read before training, as the checkout may move on meanwhile
     L.seed_everything(seed, workers=True, verbose=False)
     module = _make_module(spec, args, seed)
     datamodule = _make_datamodule(args, fraction, seed)
@@ -229,7 +230,7 @@ def run_one(args: argparse.Namespace, method: str, fraction: float, seed: int) -
         "kwargs": spec.kwargs,
         "fraction": fraction,
         "seed": seed,
-        "commit": _commit(),
+        "commit": commit,
         "machine": _machine(),
         "precision": args.precision,
         "wall_time_s": round(train_seconds, 1),
