@@ -127,6 +127,36 @@ def test_download_from_local_archive_and_verify(tmp_path: Path) -> None:
     assert verify_manifest(data_dir, manifest) == 6
 
 
+def test_interrupted_extraction_leaves_nothing_to_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpcps_lightning.data.kvasir as kvasir
+
+    archive, manifest = _small_archive(tmp_path)
+    root = tmp_path / "root"
+    real = kvasir.safe_extract_zip
+
+    def crash_midway(archive: Path, dest: Path) -> list[Path]:
+        real(archive, dest)
+        raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C once everything was written
+
+    monkeypatch.setattr(kvasir, "safe_extract_zip", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        download_kvasir_seg(root, url=archive.as_uri(), manifest=manifest)
+    assert find_kvasir_seg(root) is None  # no half-extracted data set to pick up later
+    assert not [p for p in root.iterdir() if p.name.startswith(".extract-")]
+    monkeypatch.undo()
+    assert download_kvasir_seg(root, url=archive.as_uri(), manifest=manifest) == root / "Kvasir-SEG"
+
+
+def test_extraction_does_not_overwrite_existing_entries(tmp_path: Path) -> None:
+    archive, manifest = _small_archive(tmp_path)
+    root = tmp_path / "root"
+    (root / "Kvasir-SEG" / "images").mkdir(parents=True)  # an earlier, unfinished copy without masks/
+    with pytest.raises(FileExistsError, match="Kvasir-SEG already exist"):
+        download_kvasir_seg(root, url=archive.as_uri(), manifest=manifest)
+
+
 def test_download_goes_through_part_file(tmp_path: Path) -> None:
     archive, _ = _small_archive(tmp_path)
     seen: list[list[str]] = []

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import stat
+import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
@@ -210,6 +211,11 @@ def download_and_extract(
 ) -> Path:
     """Download ``url`` to ``root/filename`` (through ``filename.part``) and extract it safely into ``root``.
 
+    Nothing half-done is ever used: the download goes to ``filename.part`` and is renamed only when
+    complete (a failed one is removed; a ``.part`` left by a crash is overwritten by the next attempt),
+    and the archive is extracted into a hidden temporary folder of ``root`` whose entries are renamed
+    into place only after the whole archive is out.
+
     Args:
         url: Archive URL (``https://`` or ``file://``).
         root: Destination folder (created).
@@ -221,6 +227,7 @@ def download_and_extract(
 
     Raises:
         ValueError: If the archive is unsafe (see :func:`safe_extract_zip`) or not a zip archive.
+        FileExistsError: If an entry of the archive already exists in ``root``.
         OSError: If the download fails (the partial ``.part`` file is removed).
     """
     root = Path(root)
@@ -235,7 +242,20 @@ def download_and_extract(
         part.unlink(missing_ok=True)
         raise
     os.replace(part, archive)
-    safe_extract_zip(archive, root)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        safe_extract_zip(archive, staging)
+        entries = sorted(staging.iterdir())
+        clashes = [e.name for e in entries if (root / e.name).exists() or (root / e.name).is_symlink()]
+        if clashes:
+            raise FileExistsError(
+                f"Cannot extract {archive} into {root}: {', '.join(clashes)} already exist(s) there. "
+                "Move or delete them (a copy from an earlier, unfinished attempt?) and retry."
+            )
+        for entry in entries:
+            os.replace(entry, root / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     archive.unlink()
     return root
 
