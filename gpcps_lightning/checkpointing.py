@@ -53,7 +53,10 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> None:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The global random-number states of torch (CPU and every CUDA device), NumPy and Python.
+    """The global random-number states of torch (CPU and the current CUDA device), NumPy and Python.
+
+    Only the current CUDA device's state is taken: asking for every device's would create a CUDA
+    context on each GPU in every process of a multi-GPU run.
 
     Returned as tensors, numbers and lists only, so that checkpoints holding it load with
     ``weights_only=True``.
@@ -63,7 +66,7 @@ def capture_rng_state() -> dict[str, Any]:
     version, state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "numpy": {
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
@@ -75,11 +78,11 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` captured (CUDA states only where the devices exist)."""
+    """Restore what :func:`capture_rng_state` captured (the CUDA state on the current device, if any)."""
     torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda.cpu())
     n = state["numpy"]
     keys = n["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002

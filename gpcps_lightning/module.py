@@ -499,6 +499,20 @@ class GPCPSModule(SegmentationModule):
     def trained_networks(self) -> Sequence[nn.Module]:  # noqa: D102
         return (self.net1, self.net2)
 
+    def on_fit_start(self) -> None:
+        """Refuse PyTorch's SyncBatchNorm with the penalty: its backward cannot be differentiated again.
+
+        Raises:
+            ValueError: If ``lambda_grad > 0`` and the networks hold ``torch.nn.SyncBatchNorm`` layers.
+        """
+        if self.lambda_grad > 0 and any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) installs torch.nn.SyncBatchNorm, whose backward pass cannot be "
+                "differentiated again, which the gradient penalty needs. Use the plugin "
+                "gpcps_lightning.distributed.GradientSyncBatchNorm instead (Trainer(plugins=[...]), or "
+                "--trainer.plugins+=gpcps_lightning.distributed.GradientSyncBatchNorm), or set lambda_grad=0."
+            )
+
     def head_probabilities(self, images: Tensor) -> dict[str, Tensor]:  # noqa: D102
         p1 = torch.sigmoid(self.net1(images)).float()
         p2 = torch.sigmoid(self.net2(images)).float()

@@ -150,3 +150,13 @@ def test_ddp_ranks_draw_distinct_training_samples_and_every_validation_image_onc
         assert info["val_sampler_class"] == "UnrepeatedDistributedSampler"
     seen = sorted(ranks[0]["val_indices"] + ranks[1]["val_indices"])
     assert seen == list(range(ranks[0]["num_val_images"]))  # each validation image exactly once
+
+
+def test_torch_sync_batchnorm_with_the_penalty_is_refused() -> None:
+    module = GPCPSModule(**TINY_NET)
+    module.net1 = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.net1)  # as sync_batchnorm=True
+    with pytest.raises(ValueError, match=r"Use the plugin gpcps_lightning\.distributed\.GradientSync"):
+        module.on_fit_start()
+    without_penalty = GPCPSModule(**TINY_NET, lambda_grad=0.0)
+    without_penalty.net1 = torch.nn.SyncBatchNorm.convert_sync_batchnorm(without_penalty.net1)
+    without_penalty.on_fit_start()  # allowed: no second-order gradient

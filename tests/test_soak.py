@@ -1,4 +1,4 @@
-"""Soak: a few hundred CPU steps with frequent validation and checkpointing; memory stays flat, no leftovers."""
+"""Soak: a few hundred CPU steps, validating and checkpointing often; memory stays flat, no leftovers."""
 
 from __future__ import annotations
 
