@@ -36,11 +36,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--labeled-fraction", type=float, default=0.125, help="1/8, as in the paper's ablation."
     )
     parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--num-images", type=int, default=400, help="Generated images (made on first use).")
+    parser.add_argument(
+        "--data-root", default="data/synthetic-polyps", help="Where the images are generated."
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
 
     L.seed_everything(0, workers=True)
     datamodule = SyntheticPolypDataModule(
+        root=args.data_root,
+        num_images=args.num_images,
         batch_size=args.batch_size,
         image_size=args.image_size,
         labeled_fraction=args.labeled_fraction,

@@ -298,29 +298,23 @@ def _load_example(name: str) -> types.ModuleType:
     return module
 
 
-@pytest.mark.slow  # a full-size ResNet-18 UNet, as a user would train it
-def test_train_own_project_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpcps_lightning.testing import RandomSquaresDataModule
-
-    class StandIn(RandomSquaresDataModule):
-        # Stands in for gpcps_lightning.data.SyntheticPolypDataModule (same constructor arguments) so
-        # that the example's wiring is tested on its own.
-        def __init__(
-            self, batch_size: int, image_size: int, labeled_fraction: float, steps_per_epoch: int, seed: int
-        ):
-            super().__init__(
-                batch_size, image_size, num_train=batch_size * steps_per_epoch, num_val=2, seed=seed
-            )
-
-    monkeypatch.setitem(
-        sys.modules, "gpcps_lightning.data", types.SimpleNamespace(SyntheticPolypDataModule=StandIn)
-    )
+def test_train_own_project_example(tmp_path: Path) -> None:
     example = _load_example("train_own_project")
-    args = ["--out", str(tmp_path), "--max-epochs", "1", "--steps-per-epoch", "2", "--image-size", "32"]
-    results = example.main([*args, "--batch-size", "2"])
+    args = [
+        "--out",
+        str(tmp_path / "run"),
+        "--max-epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--image-size",
+        "32",
+    ]
+    args += ["--batch-size", "2", "--encoder", "tu-resnet18", "--num-images", "20"]
+    results = example.main([*args, "--data-root", str(tmp_path / "data")])
     assert 0.0 <= results["test/dice_ensemble"] <= 1.0
-    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
-    assert (tmp_path / "predictions.png").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    assert (tmp_path / "run" / "predictions.png").is_file()
 
 
 # ----------------------------------------------------------------------------- W&B
