@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +31,9 @@ class _Probe(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         gc.collect()
-        self.tensors.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)))
+        with warnings.catch_warnings():  # isinstance on some torch objects warns about deprecations
+            warnings.simplefilter("ignore")
+            self.tensors.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)))
         self.rss.append(_rss_mib())
 
 
