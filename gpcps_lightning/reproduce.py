@@ -389,35 +389,42 @@ def make_plot(records: list[dict[str, Any]], path: str | Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpcps reproduce", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train, select on val, test once, write JSON records")
-    run.add_argument("--methods", nargs="+", default=["supervised", "gpcps"], choices=list(METHODS))
-    run.add_argument("--fractions", nargs="+", type=float, default=[0.125])
-    run.add_argument("--seeds", nargs="+", type=int, default=[0])
-    run.add_argument("--max-steps", type=int, default=5000, help="training steps per run (paper: 5000)")
-    run.add_argument(
-        "--val-every", type=int, default=50, help="validate every N training steps (paper epoch: 50)"
+    run = sub.add_parser(
+        "run",
+        help="train, select on val, test once, write JSON records",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    run.add_argument("--steps-per-epoch", type=int, default=None)
-    run.add_argument("--image-size", type=int, default=256)
-    run.add_argument("--batch-size", type=int, default=16)
-    run.add_argument("--arch", default="Unet")
-    run.add_argument("--encoder", default="resnet34")
-    run.add_argument("--encoder-weights", default=None)
-    run.add_argument(
-        "--lr", type=float, default=1e-4, help="Adam learning rate of every method (paper: 1e-4)"
+    add = run.add_argument
+    add("--methods", nargs="+", default=["supervised", "gpcps"], choices=list(METHODS), help="rows to train")
+    add(
+        "--fractions",
+        nargs="+",
+        type=float,
+        default=[0.125],
+        help="labeled fractions of the 800 train images",
     )
-    run.add_argument("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
-    run.add_argument("--accelerator", default="auto")
-    run.add_argument("--num-workers", type=int, default=None)
-    run.add_argument("--data", choices=["kvasir", "synthetic"], default="kvasir")
-    run.add_argument("--data-root", default="data/kvasir-seg")
-    run.add_argument(
-        "--download", action="store_true", help="download Kvasir-SEG into --data-root if missing"
+    add(
+        "--seeds", nargs="+", type=int, default=[0], help="one run per seed (data order, draws, network init)"
     )
-    run.add_argument("--synthetic-images", type=int, default=400)
-    run.add_argument("--eval-at-training-size", action="store_true")
-    run.add_argument("--out", default="runs/reproduce")
-    run.add_argument("--progress-bar", action="store_true")
+    add("--max-steps", type=int, default=5000, help="training steps per run (paper: 5000)")
+    add("--val-every", type=int, default=50, help="validate every N training steps (paper epoch: 50)")
+    add("--steps-per-epoch", type=int, default=None, help="epoch length; None: ceil(800 / batch size)")
+    add("--image-size", type=int, default=256, help="training size in pixels (paper: 256)")
+    add("--batch-size", type=int, default=16, help="labeled and unlabeled images per step, each (paper: 16)")
+    add("--arch", default="Unet", help="segmentation-models-pytorch architecture")
+    add("--encoder", default="resnet34", help="segmentation-models-pytorch encoder")
+    add("--encoder-weights", default=None, help="encoder weights, e.g. imagenet; None: random init")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate of every method (paper: 1e-4)")
+    add("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
+    add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    add("--num-workers", type=int, default=None, help="data loader workers; None: the datamodule's default")
+    add("--data", choices=["kvasir", "synthetic"], default="kvasir", help="Kvasir-SEG or generated polyps")
+    add("--data-root", default="data/kvasir-seg", help="dataset folder")
+    add("--download", action="store_true", help="download Kvasir-SEG into --data-root if missing")
+    add("--synthetic-images", type=int, default=400, help="size of the generated dataset (--data synthetic)")
+    add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
+    add("--out", default="runs/reproduce", help="folder for records/ and runs/")
+    add("--progress-bar", action="store_true", help="show Lightning's progress bar")
     table = sub.add_parser("table", help="markdown tables and a plot from the JSON records")
     table.add_argument("records", help="the --out folder of `run` (or a folder of records)")
     table.add_argument("--markdown", default=None, help="write the tables here (default: print)")
