@@ -352,6 +352,22 @@ def make_tables(records: list[dict[str, Any]]) -> str:
                     f"| {METHODS[m].label} | {name} | {h} | {statistics.fmean(dice):.2f} | "
                     f"{statistics.fmean(iou):.2f} | {len(group)} |"
                 )
+    lines += [
+        "",
+        "### Every run (selected head; wall time of training, validation included)",
+        "",
+        "| Method | fraction | seed | selected step | val Dice | test Dice | wall time (min) | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(records, key=lambda r: (list(METHODS).index(r["method"]), -r["fraction"], r["seed"])):
+        head = r["selection_head"]
+        minutes = f"{r['wall_time_s'] / 60:.1f}" + (" (resumed part)" if r.get("resumed") else "")
+        fraction = FRACTION_NAMES.get(r["fraction"], f"{r['fraction']:g}")
+        lines.append(
+            f"| {METHODS[r['method']].label} | {fraction} | "
+            f"{r['seed']} | {r.get('best_step', '–')} | {100 * r['val'][f'dice_{head}']:.2f} | "
+            f"{_dice(r):.2f} | {minutes} | {r.get('commit', '–')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

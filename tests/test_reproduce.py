@@ -42,6 +42,9 @@ def test_tables_report_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert "| UNet (supervised) | 60.00 (n=1) | 65.87 |" in text
     assert "| I | UNet (supervised) | 60.00 (n=1) | 65.87 |" in text
     assert "| IV | GP-CPS | 72.00 ± 2.83 (n=2) | 76.64 |" in text
+    # one row per run, with its seed, scores and time
+    assert "| GP-CPS | 1/8 | 1 | – | 74.00 | 74.00 | 0.0 | – |" in text
+    assert text.count("| UNet (supervised) | 1/8 | 0 |") == 1
 
 
 def test_table_command_writes_markdown_and_plot(tmp_path: Path) -> None:
