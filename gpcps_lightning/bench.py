@@ -116,6 +116,8 @@ class BenchConfig:
         channels_last: Put networks and batches in channels-last memory format.
         cudnn_benchmark: Let cuDNN pick the fastest convolution algorithms (CUDA only).
         seed: Seed of the synthetic batches.
+        plain_fused_adam: Give the plain loop PyTorch's fused Adam, as the modules use, instead of the
+            default implementation (the straightforward version), to compare like with like.
     """
 
     encoder_name: str = "resnet34"
@@ -131,6 +133,7 @@ class BenchConfig:
     channels_last: bool = False
     cudnn_benchmark: bool = True
     seed: int = 0
+    plain_fused_adam: bool = False
 
     def checked(self) -> BenchConfig:
         """This configuration with ``precision`` normalised, after checking every field.
@@ -537,8 +540,9 @@ class _PlainGPCPS:
         )
         self.net1.train()
         self.net2.train()
-        self.opt1 = torch.optim.Adam(self.net1.parameters(), **_ADAM)  # type: ignore[arg-type]
-        self.opt2 = torch.optim.Adam(self.net2.parameters(), **_ADAM)  # type: ignore[arg-type]
+        fused = True if config.plain_fused_adam else None
+        self.opt1 = torch.optim.Adam(self.net1.parameters(), **_ADAM, fused=fused)  # type: ignore[arg-type]
+        self.opt2 = torch.optim.Adam(self.net2.parameters(), **_ADAM, fused=fused)  # type: ignore[arg-type]
         self.dtype = _AUTOCAST_DTYPE[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "16" else None
 
@@ -1026,6 +1030,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cudnn-benchmark", action="store_true", help="Do not let cuDNN autotune convolutions (CUDA)."
     )
+    p.add_argument(
+        "--plain-fused-adam",
+        action="store_true",
+        help="Fused Adam in the plain loop, as in the modules (default: PyTorch's default Adam).",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data (default: 0).")
     p.add_argument("--json", default=None, metavar="PATH", help="Also write the full report as JSON here.")
@@ -1080,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
         channels_last=args.channels_last,
         cudnn_benchmark=not args.no_cudnn_benchmark,
         seed=args.seed,
+        plain_fused_adam=args.plain_fused_adam,
     )
     try:
         config = config.checked()

@@ -212,6 +212,22 @@ def test_plain_loop_matches_the_module_losses() -> None:
     assert plain["loss"] == pytest.approx(float(expected.total.detach()), rel=1e-5)
 
 
+def test_plain_loop_with_fused_adam_takes_the_same_step() -> None:
+    # --plain-fused-adam changes the implementation, not the update.
+    (batch,) = bench.make_batches(tiny_config().checked(), count=1)
+    weights = []
+    for fused in (False, True):
+        loop = bench._PlainGPCPS(tiny_config(plain_fused_adam=fused).checked())
+        assert bool(loop.opt1.defaults["fused"]) is fused
+        torch.manual_seed(5)
+        loop.step(batch)
+        weights.append(torch.cat([p.detach().flatten() for p in loop.net1.parameters()]))
+    assert not torch.equal(
+        weights[0], torch.cat([p.flatten() for p in bench._PlainGPCPS(tiny_config()).net1.parameters()])
+    )
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
 def test_profile_writes_tables_and_phases(tmp_path: Path) -> None:
     phases = bench.profile_step(tiny_config(steps=3, warmup=1), tmp_path, kind="gpcps", steps=1)
     assert set(phases) == {"cps", "gpcps"}
