@@ -104,8 +104,13 @@ def _machine() -> str:
     return f"CPU only: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _fraction_name(fraction: float) -> str:
+    """How the tables name a labeled fraction: "1/8" for the paper's, else the number."""
+    return FRACTION_NAMES.get(fraction, f"{fraction:g}")
+
+
 def _fraction_key(fraction: float) -> str:
-    return FRACTION_NAMES.get(fraction, f"{fraction:g}").replace("/", "of")
+    return _fraction_name(fraction).replace("/", "of")
 
 
 def record_path(out: Path, method: str, fraction: float, seed: int) -> Path:
@@ -305,11 +310,7 @@ def make_tables(records: list[dict[str, Any]]) -> str:
     fractions = sorted({float(r["fraction"]) for r in records}, reverse=True)
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
     lines = ["### Table 1: test Dice (%) of the selected head, mean ± std over seeds", ""]
-    header = (
-        "| Method | "
-        + " | ".join(f"{FRACTION_NAMES.get(f, f'{f:g}')}" for f in fractions)
-        + " | paper (same fractions) |"
-    )
+    header = "| Method | " + " | ".join(_fraction_name(f) for f in fractions) + " | paper (same fractions) |"
     lines += [header, "|---|" + "---|" * (len(fractions) + 1)]
     for m in methods:
         cells = [
@@ -347,7 +348,7 @@ def make_tables(records: list[dict[str, Any]]) -> str:
             for h in heads:
                 dice = [100 * r["test"][f"dice_{h}"] for r in group if f"dice_{h}" in r["test"]]
                 iou = [100 * r["test"][f"iou_{h}"] for r in group if f"iou_{h}" in r["test"]]
-                name = FRACTION_NAMES.get(f, f"{f:g}")
+                name = _fraction_name(f)
                 lines.append(
                     f"| {METHODS[m].label} | {name} | {h} | {statistics.fmean(dice):.2f} | "
                     f"{statistics.fmean(iou):.2f} | {len(group)} |"
@@ -362,7 +363,7 @@ def make_tables(records: list[dict[str, Any]]) -> str:
     for r in sorted(records, key=lambda r: (list(METHODS).index(r["method"]), -r["fraction"], r["seed"])):
         head = r["selection_head"]
         minutes = f"{r['wall_time_s'] / 60:.1f}" + (" (resumed part)" if r.get("resumed") else "")
-        fraction = FRACTION_NAMES.get(r["fraction"], f"{r['fraction']:g}")
+        fraction = _fraction_name(r["fraction"])
         lines.append(
             f"| {METHODS[r['method']].label} | {fraction} | "
             f"{r['seed']} | {r.get('best_step', '–')} | {100 * r['val'][f'dice_{head}']:.2f} | "
