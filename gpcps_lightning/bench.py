@@ -59,6 +59,7 @@ from gpcps_lightning.losses import (
     fused_pseudo_labels,
     gradient_penalty,
     input_gradient,
+    penalty_precision_context,
     sample_eps,
     soft_dice_loss,
 )
@@ -568,8 +569,9 @@ class _PlainGPCPS:
             fused = fuse_images(labeled, unlabeled, eps)
             if self.penalty:
                 fused.requires_grad_(True)
-            p1 = torch.sigmoid(self.net1(fused))
-            p2 = torch.sigmoid(self.net2(fused))
+            with penalty_precision_context(self.device.type, self.penalty):
+                p1 = torch.sigmoid(self.net1(fused))
+                p2 = torch.sigmoid(self.net2(fused))
             semi = soft_dice_loss(p1, fused_pseudo_labels(y, p2, eps)) + soft_dice_loss(
                 p2, fused_pseudo_labels(y, p1, eps)
             )
@@ -577,7 +579,7 @@ class _PlainGPCPS:
             t = self._mark(phase_times, "forward", t)
             penalty = torch.zeros((), device=labeled.device)
             if self.penalty:
-                grad = input_gradient(p1.float().sum() + p2.float().sum(), fused, self.scaler)
+                grad = input_gradient(p1.float().sum() + p2.float().sum(), fused)
                 t = self._mark(phase_times, "input_gradient", t)
                 penalty = gradient_penalty(grad, background_mask(y, p1, p2))
                 total = total + _LAMBDA_GRAD * penalty

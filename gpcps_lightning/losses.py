@@ -11,6 +11,7 @@ so that they behave the same under bf16 and fp16 autocast.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -26,6 +27,7 @@ __all__ = [
     "fused_pseudo_labels",
     "gradient_penalty",
     "input_gradient",
+    "penalty_precision_context",
     "sample_eps",
     "soft_dice_loss",
 ]
@@ -276,6 +278,37 @@ def authors_background_mask(y: Tensor, band: int = 1) -> Tensor:
         return fg < 0.5
 
 
+def penalty_precision_context(
+    device_type: str, with_penalty: bool = True
+) -> contextlib.AbstractContextManager[object]:
+    """Run the forward passes that the gradient penalty differentiates twice in float32 under fp16 autocast.
+
+    Under fp16 mixed precision, the penalty's parameter gradient does not survive a second backward pass
+    in fp16: the loss scale cancels against the unscaling of ``G``, so each element of ``G``'s graph
+    receives about ``lambda_grad / |B|`` (~4e-10 at 16x3x256x256), below fp16's smallest subnormal
+    (6e-8). It becomes 0, or NaN with BatchNorm, whatever the scale. In float32 it is exact. Under bf16
+    (float32's exponent range), in float32, or with ``with_penalty=False``, this context does nothing.
+
+    Use it around the forward passes on the fused image whose output sum ``S`` is differentiated by
+    :func:`input_gradient`; the forward passes on the labeled images can stay in fp16.
+
+    Args:
+        device_type: The device type of the forward passes (``"cuda"``, ``"cpu"``).
+        with_penalty: Whether the penalty is computed on these forward passes.
+
+    Returns:
+        ``torch.autocast(device_type, enabled=False)`` when fp16 autocast is active for ``device_type``
+        and ``with_penalty``, else a context that does nothing.
+    """
+    if (
+        with_penalty
+        and torch.is_autocast_enabled(device_type)
+        and torch.get_autocast_dtype(device_type) == torch.float16
+    ):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def input_gradient(
     total: Tensor,
     inputs: Tensor,
@@ -283,10 +316,12 @@ def input_gradient(
 ) -> Tensor:
     """``d(total) / d(inputs)`` with ``create_graph=True``, so that a penalty on it trains the networks.
 
-    Under fp16 mixed precision pass the active ``GradScaler``: the gradient is then taken of the *scaled*
-    sum (so that small values do not underflow in fp16) and unscaled afterwards, PyTorch AMP's
-    gradient-penalty recipe. Inf or NaN values are returned as they are; the caller decides (the
-    module makes the scaler skip the step).
+    ``scaler`` applies PyTorch AMP's gradient-penalty recipe to a graph built in fp16: the gradient is taken
+    of the *scaled* sum (so that small values do not underflow) and unscaled afterwards. That gives ``G``
+    itself, but a penalty on it trains nothing in fp16 (the second backward pass underflows): to train
+    with the penalty under fp16, build the graph in float32 with :func:`penalty_precision_context`, as
+    :class:`~gpcps_lightning.GPCPSModule` does, and pass no scaler. Inf or NaN values are returned as
+    they are; the caller decides.
 
     Args:
         total: The scalar to differentiate, e.g. ``S = sum(p1(f)) + sum(p2(f))``.

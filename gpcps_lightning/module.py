@@ -34,6 +34,7 @@ from gpcps_lightning.losses import (
     fused_pseudo_labels,
     gradient_penalty,
     input_gradient,
+    penalty_precision_context,
     sample_eps,
     soft_dice_loss,
 )
@@ -242,9 +243,10 @@ class SegmentationModule(L.LightningModule):
 
         In fp32 and bf16 every value of ``losses`` (the total and its terms) and ``nonfinite_flag`` are
         checked for NaN and infinity once per step (one host synchronisation, decided jointly by all
-        ranks): see ``nonfinite``. Under fp16 nothing is checked on the host: the gradient scaler skips
-        overflowing steps, and ``nonfinite_flag`` is added to every gradient so that an overflow the loss
-        does not show (the penalty's input gradient) makes the scaler skip the step too.
+        ranks): see ``nonfinite``. Under fp16 the gradient scaler skips overflowing steps, and
+        ``nonfinite_flag`` is added to every gradient so that a non-finite value the loss does not show
+        (the penalty's input gradient) makes the scaler skip the step too; whether it skipped is read back
+        once (one host synchronisation).
 
         Args:
             losses: ``"loss"``, the total to minimise, and the named terms it is made of.
@@ -281,7 +283,8 @@ class SegmentationModule(L.LightningModule):
         skipped = scaler.scale(one) < before
         self.fp16_skipped_steps += skipped.to(torch.long)
         self.log("train/fp16_skipped_steps", self.fp16_skipped_steps.float(), on_step=True, batch_size=1)
-        return True
+        # One host synchronisation, as the fp32/bf16 check makes: callers (Mean Teacher's EMA) must know.
+        return not bool(skipped)
 
     def _finite_or_handled(self, losses: dict[str, Tensor], nonfinite_flag: Tensor | None) -> bool:
         values = {name: value.detach().float().reshape(()) for name, value in losses.items()}
@@ -560,17 +563,18 @@ class GPCPSModule(SegmentationModule):
                 fused = fuse_images(labeled, batch.unlabeled, eps)
             if with_penalty:
                 fused = fused.detach().requires_grad_(True)
-            # One forward pass of each network on the fused batch serves both L_semi and L_grad.
-            p1 = torch.sigmoid(self.net1(fused))
-            p2 = torch.sigmoid(self.net2(fused))
+            # One forward pass of each network on the fused batch serves both L_semi and L_grad. Under
+            # fp16 autocast the penalty's part of the graph runs in fp32 (see `penalty_precision_context`).
+            with penalty_precision_context(fused.device.type, with_penalty):
+                p1 = torch.sigmoid(self.net1(fused))
+                p2 = torch.sigmoid(self.net2(fused))
             if self.lambda_semi > 0:
                 y1 = fused_pseudo_labels(y, p2, eps)
                 y2 = fused_pseudo_labels(y, p1, eps)
                 semi_term = self._dice(p1, y1) + self._dice(p2, y2)
             if with_penalty:
-                scaler = self.active_grad_scaler()
                 total_prob = p1.float().sum() + p2.float().sum()
-                grad = input_gradient(total_prob, fused, scaler)
+                grad = input_gradient(total_prob, fused)
                 flag = _nonfinite_flag(grad)
                 if self.background_variant == "authors":
                     bg = authors_background_mask(y)

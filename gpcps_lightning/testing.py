@@ -1,4 +1,4 @@
-"""A tiny random datamodule for smoke tests of the command line, callbacks and examples.
+"""Helpers for tests and checks: a tiny random datamodule and the fp16 penalty agreement check.
 
 :class:`RandomSquaresDataModule` follows the datamodule contract of the library (the batch classes of
 :mod:`gpcps_lightning.batch`, ``mean``/``std``/``image_size``, ``denormalize``, ``predict_dir``) with
@@ -13,7 +13,7 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -22,9 +22,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data.io import read_image
+from gpcps_lightning.losses import fuse_images, sample_eps
 from gpcps_lightning.predict import Preprocessing, list_images, preprocess
 
-__all__ = ["RandomSquaresDataModule", "read_wandb_run"]
+if TYPE_CHECKING:
+    from gpcps_lightning.module import GPCPSModule
+
+__all__ = [
+    "RandomSquaresDataModule",
+    "fp16_penalty_agreement",
+    "penalty_parameter_gradient",
+    "read_wandb_run",
+]
 
 
 def _square_sample(index: int, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -242,3 +251,88 @@ def read_wandb_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         elif kind == "exit":
             finished = True
     return {"history": history, "config": config, "summary": summary, "finished": finished}
+
+
+# --------------------------------------------------------------------------- fp16 penalty check
+def penalty_parameter_gradient(
+    module: GPCPSModule,
+    batch: SemiSupervisedBatch,
+    *,
+    fp16: bool,
+    loss_scale: float = 2.0**16,
+) -> Tensor:
+    """``d(lambda_grad * L_grad) / d(theta)`` as ``module`` computes it, flattened over its trained networks.
+
+    With ``fp16=True`` the losses are computed under fp16 autocast with a ``GradScaler`` of scale
+    ``loss_scale`` attached as the Trainer's (so the module takes its fp16 path), and the gradient is
+    taken of the scaled penalty and unscaled, as Lightning's precision plugin does.
+
+    Args:
+        module: The module; its ``lambda_grad`` must be positive.
+        batch: A batch that carries its fused images and ``eps`` (so that both precisions fuse alike).
+        fp16: Whether to compute under fp16 autocast (on the batch's device type).
+        loss_scale: The loss scale under fp16.
+
+    Returns:
+        float32 vector of every trained parameter's gradient (zeros where a parameter gets none).
+    """
+    device = batch.labeled.device.type
+    params = [p for net in module.trained_networks() for p in net.parameters()]
+    scaler = torch.amp.GradScaler(device, init_scale=loss_scale) if fp16 else None
+    previous = module.active_grad_scaler
+    module.active_grad_scaler = lambda: scaler  # type: ignore[method-assign]
+    try:
+        with torch.autocast(device, dtype=torch.float16, enabled=fp16):
+            losses = module.compute_losses(batch)
+    finally:
+        module.active_grad_scaler = previous  # type: ignore[method-assign]
+    penalty = module.lambda_grad * losses.grad
+    scale = loss_scale if fp16 else 1.0
+    grads = torch.autograd.grad(penalty * scale, params, allow_unused=True)
+    return torch.cat(
+        [
+            (g.float() / scale if g is not None else torch.zeros_like(p, dtype=torch.float32)).flatten()
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def fp16_penalty_agreement(
+    module: GPCPSModule, device: str | torch.device, image_size: int = 32, batch_size: int = 4, seed: int = 0
+) -> dict[str, float | bool]:
+    """Compare the penalty's parameter gradient under fp16 autocast with float32's, on a random batch.
+
+    The check behind ``tests/test_fp16_penalty.py`` and ``scripts/gpu_check.py``: under fp16 the penalty
+    must train the networks as it does in float32 (cosine > 0.99, relative norm error < 5%, all finite).
+
+    Args:
+        module: A :class:`~gpcps_lightning.GPCPSModule` (moved to ``device``).
+        device: Where to compute.
+        image_size: Side of the random images.
+        batch_size: Labeled (and unlabeled) images in the batch.
+        seed: Seed of the random batch and fusion weights.
+
+    Returns:
+        ``cosine``, ``relative_norm_error``, ``fp32_norm``, ``fp16_norm`` and ``finite``.
+    """
+    device = torch.device(device)
+    module = module.to(device)
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch_size, 3, image_size, image_size)
+    labeled, unlabeled = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    mask = (torch.rand(batch_size, 1, image_size, image_size, generator=g) > 0.6).float()
+    eps = sample_eps(batch_size, generator=g)
+    labeled, unlabeled, mask, eps = (t.to(device) for t in (labeled, unlabeled, mask, eps))
+    batch = SemiSupervisedBatch(
+        labeled=labeled, mask=mask, unlabeled=unlabeled, fused=fuse_images(labeled, unlabeled, eps), eps=eps
+    )
+    reference = penalty_parameter_gradient(module, batch, fp16=False)
+    half = penalty_parameter_gradient(module, batch, fp16=True)
+    ref_norm, half_norm = reference.norm(), half.norm()
+    return {
+        "cosine": float(torch.nn.functional.cosine_similarity(half, reference, dim=0)),
+        "relative_norm_error": float((half_norm - ref_norm).abs() / ref_norm.clamp_min(1e-30)),
+        "fp32_norm": float(ref_norm),
+        "fp16_norm": float(half_norm),
+        "finite": bool(torch.isfinite(half).all()),
+    }

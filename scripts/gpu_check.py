@@ -14,7 +14,9 @@ step. Everything goes to ``--out`` as JSON (and text tables), each file written 
 - ``profile_bf16/``: operator table, trace and phase timings of the bf16 GP-CPS step;
 - ``summary.json``: the checks below, with the figures they rest on.
 
-Checks (exit status 1 if one fails): every step kind gives finite losses (in particular a CUDA bf16 and
+Checks (exit status 1 if one fails): under fp16 autocast, the gradient penalty's parameter gradient agrees
+with float32's (cosine > 0.99, relative norm error < 5%, finite; ``fp16_penalty.json``, on the benchmark's
+network at its image size, batch 4); every step kind gives finite losses (in particular a CUDA bf16 and
 fp16 GP-CPS step); the GP-CPS step's peak allocated memory in bf16 and fp16 is at most 20 GB (so that it
 fits a 24 GB RTX 3090 with room to spare). Reported without a pass mark: achieved FLOP/s of each step as a
 fraction of the measured bf16 matmul rate, and 5000 GP-CPS steps projected from the median step (the
@@ -38,9 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import torch
 
+from gpcps_lightning import GPCPSModule
 from gpcps_lightning.bench import STEP_KINDS, BenchConfig, format_report, profile_step, run_benchmark
+from gpcps_lightning.testing import fp16_penalty_agreement
 
 MEMORY_LIMIT_BYTES = 20 * 10**9
+FP16_MIN_COSINE = 0.99
+FP16_MAX_RELATIVE_ERROR = 0.05
 PROTOCOL_STEPS = 5000
 
 
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="Skip the channels-last bf16 run.")
     p.add_argument("--no-profile", action="store_true", help="Skip the profile of the bf16 GP-CPS step.")
+    p.add_argument("--no-fp16-penalty", action="store_true", help="Skip the fp16 penalty gradient check.")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -112,6 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     _write(out / "matmul.json", matmul)
     print(f"bf16 matmul: {matmul['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+
+    checks: dict[str, Any] = {}
+    if not args.no_fp16_penalty:
+        module = GPCPSModule(encoder_name=args.encoder, network_kwargs=args.network_kwargs)
+        agreement = fp16_penalty_agreement(module, device, image_size=args.image_size, batch_size=4)
+        del module
+        _write(out / "fp16_penalty.json", agreement)
+        print(f"fp16 penalty gradient vs fp32: {json.dumps(agreement)}", flush=True)
+        checks["fp16_penalty_gradient_matches_fp32"] = bool(
+            agreement["finite"]
+            and agreement["cosine"] > FP16_MIN_COSINE
+            and agreement["relative_norm_error"] < FP16_MAX_RELATIVE_ERROR
+        )
 
     def config(precision: str, channels_last: bool = False) -> BenchConfig:
         return BenchConfig(
@@ -152,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         phases = profile_step(config("bf16"), out / "profile_bf16", kind="gpcps")
         print("bf16 phases (s):", json.dumps(phases), flush=True)
 
-    checks: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     peak_rate = matmul["bf16_flops_per_s"]
     for name, rep in reports.items():

@@ -279,7 +279,10 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
         "finite_losses/bench_bf16_channels_last/cps": True,
         "finite_losses/bench_bf16_channels_last/gpcps": True,
         "gpcps_peak_memory_le_20GB/bench_bf16": True,
+        "fp16_penalty_gradient_matches_fp32": True,
     }
+    fp16 = json.loads((tmp_path / "fp16_penalty.json").read_text())
+    assert fp16["finite"] and fp16["cosine"] > 0.99 and fp16["fp32_norm"] > 0
     assert summary["matmul"]["bf16_flops_per_s"] > 0
     fraction = summary["figures"]["bench_bf16/gpcps"]["fraction_of_bf16_matmul_rate"]
     assert fraction > 0
