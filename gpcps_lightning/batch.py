@@ -27,8 +27,9 @@ def _check_image(name: str, x: Tensor) -> None:
 class SemiSupervisedBatch:
     """One training step's data: a labeled batch, an unlabeled batch and, optionally, their fusion.
 
-    ``fused`` and ``eps`` are either both set (a datamodule that fuses on its own) or both ``None``
-    (the method draws ``eps`` and fuses, see :func:`gpcps_lightning.losses.fuse_images`).
+    ``eps`` alone: the fusion weights the method fuses with (the library's datamodules draw them, so
+    that every method sees the same ones). ``fused`` and ``eps``: a datamodule that fuses on its own.
+    Neither: the method draws ``eps`` and fuses (see :func:`gpcps_lightning.losses.fuse_images`).
 
     Shape:
         - labeled: (N, C, H, W), float, normalised as the networks see it.
@@ -67,15 +68,18 @@ class SemiSupervisedBatch:
             )
         if self.mask.shape != (n, 1, h, w):
             raise ValueError(f"`mask` must have shape {(n, 1, h, w)}, got {tuple(self.mask.shape)}.")
-        if (self.fused is None) != (self.eps is None):
-            raise ValueError("`fused` and `eps` must be given together (or both left as None).")
-        if self.fused is not None and self.eps is not None:
+        if self.fused is not None and self.eps is None:
+            raise ValueError("`fused` needs the `eps` it was fused with (or leave both as None).")
+        if self.fused is not None:
             _check_image("fused", self.fused)
             if self.fused.shape != self.labeled.shape:
                 raise ValueError(
                     f"`fused` must have the shape of `labeled` {tuple(self.labeled.shape)}, "
                     f"got {tuple(self.fused.shape)}."
                 )
+        if self.eps is not None:
+            if not isinstance(self.eps, Tensor):
+                raise TypeError(f"`eps` must be a torch.Tensor, got {type(self.eps).__name__}.")
             if self.eps.shape != (n, 1, 1, 1):
                 raise ValueError(f"`eps` must have shape {(n, 1, 1, 1)}, got {tuple(self.eps.shape)}.")
 

@@ -444,8 +444,9 @@ class GPCPSModule(SegmentationModule):
         lambda_grad: Weight of the gradient penalty ``L_grad`` (paper: 1e-3).
         lambda_semi: Weight of the fused cross pseudo supervision ``L_semi`` (paper: 1.0).
         seeds: Initialisation seeds of ``net1`` and ``net2``; must differ.
-        eps_mode: ``"per_sample"`` fusion weights (specification) or ``"per_batch"`` (authors' code).
-            Used only when the batch does not carry its own fused images.
+        eps_mode: ``"per_sample"`` fusion weights (specification) or ``"per_batch"`` (authors' code):
+            the batch's ``eps`` (the datamodule's draws), or its first sample's weight for the whole
+            batch; drawn here for a batch without ``eps``. Unused for a batch with its own ``fused``.
         dice: ``"soft"`` per-sample soft Dice with smoothing 1 (specification) or ``"authors"``
             batch-global squared Dice with smoothing 1e-5 (authors' code).
         background: ``"paper"`` background set ``(y < 0.5) | (mean prob < threshold)`` (specification) or
@@ -559,7 +560,12 @@ class GPCPSModule(SegmentationModule):
             if batch.fused is not None and batch.eps is not None:
                 fused, eps = batch.fused, batch.eps
             else:
-                eps = sample_eps(batch.batch_size, self.eps_mode, device=labeled.device)
+                if batch.eps is None:  # a batch from elsewhere than the library's datamodules
+                    eps = sample_eps(batch.batch_size, self.eps_mode, device=labeled.device)
+                elif self.eps_mode == "per_batch":
+                    eps = batch.eps[:1].expand_as(batch.eps)  # the first sample's weight for all
+                else:
+                    eps = batch.eps
                 fused = fuse_images(labeled, batch.unlabeled, eps)
             if with_penalty:
                 fused = fused.detach().requires_grad_(True)

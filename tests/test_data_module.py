@@ -29,7 +29,7 @@ from gpcps_lightning.data import (
     read_image,
     read_mask,
 )
-from gpcps_lightning.losses import fuse_images, sample_eps
+from gpcps_lightning.losses import fuse_images
 
 
 def _folder_dm(root: Path, **kwargs) -> FolderDataModule:  # type: ignore[no-untyped-def]
@@ -70,7 +70,9 @@ def test_train_batches_shapes_dtypes_ranges(folder: Path) -> None:
         batch = dm.make_train_batch(compact, augment=augment)
         assert isinstance(batch, SemiSupervisedBatch)
         batch.validate()
-        assert batch.fused is None and batch.eps is None  # the method fuses
+        # The datamodule draws the fusion weights (per sample); the method fuses.
+        assert batch.fused is None and batch.eps is not None and batch.eps.shape == (3, 1, 1, 1)
+        assert ((batch.eps >= 0) & (batch.eps < 1)).all()
         assert batch.labeled.dtype == batch.unlabeled.dtype == batch.mask.dtype == torch.float32
         assert set(batch.mask.unique().tolist()) <= {0.0, 1.0}
         images = dm.denormalize(torch.cat([batch.labeled, batch.unlabeled]))
@@ -93,11 +95,13 @@ def test_on_after_batch_transfer_dispatches(folder: Path) -> None:
 
 
 def test_fused_batch_is_eps_weighted_sum(folder: Path) -> None:
-    # The datamodule leaves fusion to the method; fusing its batch gives f = eps*l + (1-eps)*u per sample.
+    # The datamodule leaves fusion to the method; fusing its batch with its weights gives
+    # f = eps*l + (1-eps)*u per sample.
     dm = _folder_dm(folder)
     dm.setup("fit")
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    eps = sample_eps(batch.batch_size, generator=torch.Generator().manual_seed(0))
+    eps = batch.eps
+    assert eps is not None
     fused = fuse_images(batch.labeled, batch.unlabeled, eps)
     for i in range(batch.batch_size):
         e = float(eps[i])

@@ -1,4 +1,5 @@
-"""The training stream: (labeled, unlabeled) pairs, cycling, reshuffling, determinism, ranks, resume."""
+"""The training stream: (labeled, unlabeled) pairs and their positions, cycling, reshuffling, determinism,
+ranks, resume."""
 
 from __future__ import annotations
 
@@ -10,17 +11,25 @@ import pytest
 from gpcps_lightning.data import SemiSupervisedPairSampler
 
 
+def _pairs(sampler: SemiSupervisedPairSampler) -> list[tuple[int, int]]:
+    return [(li, ui) for li, ui, _ in sampler]
+
+
 def _epoch(sampler: SemiSupervisedPairSampler, epoch: int) -> list[tuple[int, int]]:
     sampler.set_epoch(epoch)
-    return list(sampler)
+    return _pairs(sampler)
 
 
 def test_length_and_index_ranges() -> None:
     s = SemiSupervisedPairSampler(num_labeled=5, num_unlabeled=11, batch_size=4, steps_per_epoch=3)
-    pairs = _epoch(s, 0)
-    assert len(s) == 12 == len(pairs)
-    assert all(isinstance(p, tuple) and len(p) == 2 for p in pairs)
-    assert all(0 <= li < 5 and 0 <= ui < 11 for li, ui in pairs)
+    items = list(s)
+    assert len(s) == 12 == len(items)
+    assert all(isinstance(p, tuple) and len(p) == 3 for p in items)
+    assert all(0 <= li < 5 and 0 <= ui < 11 for li, ui, _ in items)
+    # Each pair comes with its global stream position; epoch 1 continues where epoch 0 ended.
+    assert [p for *_, p in items] == list(range(12)) == s.positions(0).tolist()
+    s.set_epoch(1)
+    assert [p for *_, p in s] == list(range(12, 24))
 
 
 def test_labeled_set_cycled_with_reshuffling() -> None:
@@ -90,13 +99,15 @@ def test_resume_mid_epoch_and_state_dict() -> None:
     full = _epoch(s, 1)
     s.set_epoch(1)
     s.set_start_step(2)
-    assert list(s) == full[6:]
-    assert list(s) == full  # the start step applies once
+    assert _pairs(s) == full[6:]
+    assert _pairs(s) == full  # the start step applies once
     s.set_start_step(3)
     state = s.state_dict()
     t = SemiSupervisedPairSampler(5, 9, 3, 4, seed=2)
     t.load_state_dict(state)
-    assert list(t) == full[9:]
+    items = list(t)
+    assert [(li, ui) for li, ui, _ in items] == full[9:]
+    assert [p for *_, p in items] == [21, 22, 23]  # epoch 1 starts at 12; steps 0-2 done
     with pytest.raises(ValueError, match="seed"):
         SemiSupervisedPairSampler(5, 9, 3, 4, seed=3).load_state_dict(state)
 

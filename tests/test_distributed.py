@@ -146,6 +146,9 @@ def test_ddp_ranks_draw_distinct_training_samples_and_every_validation_image_onc
     assert sorted(u for _, u in stream[:18]) == list(range(18))  # 18 unlabeled images
     assert sorted(lab for lab, _ in stream[:6]) == list(range(6))  # 6 labeled images
     assert sorted(lab for lab, _ in stream[6:12]) == list(range(6))  # reshuffled next cycle
+    # Fusion weights come from the data seed and the samples' positions: the ranks' differ.
+    eps = [_load(tmp_path, f"eps_rank{r}.pt") for r in range(2)]
+    assert eps[0].shape == eps[1].shape == (2, 1, 1, 1) and not torch.equal(eps[0], eps[1])
     for info in ranks:
         assert info["val_sampler_class"] == "UnrepeatedDistributedSampler"
     seen = sorted(ranks[0]["val_indices"] + ranks[1]["val_indices"])

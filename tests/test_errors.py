@@ -262,7 +262,12 @@ def _img(*shape: int) -> torch.Tensor:
                 _img(1, 3, 4, 4), _img(1, 1, 4, 4), _img(1, 3, 4, 4), fused=_img(1, 3, 4, 4)
             ),
             ValueError,
-            "`fused` and `eps` must be given together",
+            "`fused` needs the `eps` it was fused with",
+        ),
+        (
+            lambda: SemiSupervisedBatch(_img(2, 3, 4, 4), _img(2, 1, 4, 4), _img(2, 3, 4, 4), eps=_img(2)),
+            ValueError,
+            r"`eps` must have shape \(2, 1, 1, 1\)",
         ),
         (
             lambda: SemiSupervisedBatch(

@@ -1,4 +1,9 @@
-"""Exact resume: an interrupted and resumed run ends with the same weights as an uninterrupted one (CPU)."""
+"""Exact resume: an interrupted and resumed run ends with the same weights as an uninterrupted one (CPU).
+
+The data side's draws (augmentation, fusion weights) come from private streams keyed by the data seed and
+the stream position, so they replay without saved state; what a method draws from the global random
+state (Mean Teacher's noise) replays from the random states saved in the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 from conftest import TINY_NET
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from gpcps_lightning import GPCPSModule, SyntheticPolypDataModule
+from gpcps_lightning import GPCPSModule, MeanTeacherModule, SegmentationModule, SyntheticPolypDataModule
 
 STEPS_PER_EPOCH = 3
 
@@ -39,10 +44,14 @@ def _run(
     out: Path,
     ckpt_path: Path | None = None,
     extra_callbacks: list | None = None,
+    method: type[SegmentationModule] = GPCPSModule,
     **trainer_kwargs,
-) -> tuple[GPCPSModule, L.Trainer]:
+) -> tuple[SegmentationModule, L.Trainer]:
     L.seed_everything(0, verbose=False)
-    module = GPCPSModule(**TINY_NET)  # the penalty and pseudo labels use eps draws
+    if method is MeanTeacherModule:  # noise drawn from the global random state at every step
+        module: SegmentationModule = MeanTeacherModule(rampup_steps=0, **TINY_NET)
+    else:
+        module = method(**TINY_NET)  # GP-CPS: the penalty and pseudo labels use the batch's eps
     checkpoint = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -59,7 +68,7 @@ def _run(
     return module, trainer
 
 
-def _assert_identical(a: GPCPSModule, b: GPCPSModule) -> None:
+def _assert_identical(a: SegmentationModule, b: SegmentationModule) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
@@ -91,17 +100,34 @@ def test_resume_mid_epoch_is_bit_identical(data_root: Path, tmp_path: Path) -> N
     _assert_identical(full, resumed)
 
 
-def test_control_without_restored_random_state_differs(
+def test_gpcps_resume_needs_no_saved_random_state(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The resume test can fail: without the saved random states the resumed run drifts."""
+    """GP-CPS draws nothing from the global random state: its augmentations and eps replay by position."""
     full, _ = _run(data_root, tmp_path / "full", max_epochs=2)
     _run(data_root, tmp_path / "part", max_epochs=1)
     monkeypatch.setattr("gpcps_lightning.module.restore_rng_state", lambda state: None)
     torch.manual_seed(12345)
     resumed, _ = _run(data_root, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt", max_epochs=2)
+    _assert_identical(full, resumed)
+
+
+def test_mean_teacher_resume_replays_its_noise(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved random states matter for a method that draws; without them the resumed run drifts."""
+    full, _ = _run(data_root, tmp_path / "full", max_epochs=2, method=MeanTeacherModule)
+    _run(data_root, tmp_path / "part", max_epochs=1, method=MeanTeacherModule)
+    last = tmp_path / "part" / "last.ckpt"
+    torch.manual_seed(12345)
+    resumed, _ = _run(data_root, tmp_path / "resumed", ckpt_path=last, max_epochs=2, method=MeanTeacherModule)
+    _assert_identical(full, resumed)
+    # Control: without restoring the saved states, the noise differs and so do the weights.
+    monkeypatch.setattr("gpcps_lightning.module.restore_rng_state", lambda state: None)
+    torch.manual_seed(12345)
+    drifted, _ = _run(data_root, tmp_path / "drifted", ckpt_path=last, max_epochs=2, method=MeanTeacherModule)
     with pytest.raises(AssertionError):
-        _assert_identical(full, resumed)
+        _assert_identical(full, drifted)
 
 
 def test_resume_with_another_data_seed_is_refused() -> None:

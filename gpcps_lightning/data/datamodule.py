@@ -3,12 +3,15 @@
 The loaders ship compact uint8 batches (:mod:`gpcps_lightning.data.datasets`); on the device,
 :meth:`SemiSupervisedDataModule.on_after_batch_transfer` converts them to float, augments training
 batches with kornia and normalises, giving the :mod:`gpcps_lightning.batch` structures the modules
-consume. The fused image ``f = eps * l + (1 - eps) * u`` is *not* built here: the method draws ``eps``
-(its policy is a method option) and fuses, and supervised baselines need no fusion.
+consume. Training batches carry per-sample fusion weights ``eps``, drawn here with the augmentation
+from private streams of the datamodule's seed, so that every method sees the same batches; the fused
+image ``f = eps * l + (1 - eps) * u`` is *not* built here: the method fuses (its ``eps`` policy is a
+method option), and supervised baselines need no fusion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -43,6 +46,7 @@ from gpcps_lightning.data.datasets import (
 )
 from gpcps_lightning.data.io import _preview, list_image_files
 from gpcps_lightning.data.sampler import SemiSupervisedPairSampler
+from gpcps_lightning.data.streams import AUGMENTATION_STREAM, fusion_weights, seeded_rng, stream_seed
 from gpcps_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -128,9 +132,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     """Base of the library's datamodules: a labeled, an unlabeled, a validation and a test set.
 
     Training steps receive a :class:`~gpcps_lightning.SemiSupervisedBatch` with ``batch_size`` labeled
-    images (with masks) and ``batch_size`` unlabeled images, augmented and normalised on the device;
-    ``fused``/``eps`` are left ``None`` (the method fuses). The labeled set is cycled with reshuffling,
-    the unlabeled set reshuffled at every pass (:class:`~gpcps_lightning.data.SemiSupervisedPairSampler`).
+    images (with masks) and ``batch_size`` unlabeled images, augmented and normalised on the device,
+    and per-sample fusion weights ``eps``; ``fused`` is left ``None`` (the method fuses). The
+    augmentation draws and ``eps`` are functions of ``seed`` and the samples' stream positions only,
+    whatever the method draws elsewhere (:meth:`make_train_batch`). The labeled set is cycled with
+    reshuffling, the unlabeled set reshuffled at every pass
+    (:class:`~gpcps_lightning.data.SemiSupervisedPairSampler`).
     Validation and test steps receive an :class:`~gpcps_lightning.EvaluationBatch`, prediction steps a
     :class:`~gpcps_lightning.PredictionBatch` of the images in ``predict_dir``.
 
@@ -148,7 +155,8 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         eval_at_original_size: Give validation/test batches each mask at its original resolution, so
             that metrics are computed there (predictions resized back), as the polyp literature does;
             ``False``: metrics at the training size.
-        seed: Seed of the training stream's shuffles (non-negative).
+        seed: Seed of the training stream (non-negative): its shuffles, augmentation draws and fusion
+            weights.
         mean: Per-channel normalisation mean (ImageNet's by default).
         std: Per-channel normalisation standard deviation (ImageNet's by default).
         predict_dir: Folder of images (any size, any supported format) that ``predict_dataloader`` reads.
@@ -451,17 +459,32 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         return denormalize(images, self.mean, self.std)
 
     def make_train_batch(self, batch: CompactTrainBatch, augment: bool | None = None) -> SemiSupervisedBatch:
-        """Float, augmented (if ``augment``, default the datamodule's), normalised training batch."""
+        """Float, augmented (if ``augment``, default the datamodule's), normalised training batch.
+
+        For a batch with stream ``positions`` (every batch of :meth:`train_dataloader`), the
+        augmentation draws and the per-sample fusion weights ``eps`` come from private streams keyed by
+        ``(seed, positions)`` (:mod:`gpcps_lightning.data.streams`), not from the global random state:
+        they are the same for every method trained with this seed. Without positions, the augmentation
+        draws from the global random state and ``eps`` is left ``None`` (the method draws it).
+        """
         labeled = batch.labeled.float() / 255.0
         unlabeled = batch.unlabeled.float() / 255.0
         mask = batch.mask.float()
+        positions = batch.positions
         if (self.augment if augment is None else augment) and self.augmentation is not None:
-            labeled, aug_mask = self.augmentation(labeled, mask)
-            assert aug_mask is not None  # given a mask, the augmentation returns one
-            mask = aug_mask
-            unlabeled, _ = self.augmentation(unlabeled)
+            private = (
+                seeded_rng(stream_seed(self.seed, AUGMENTATION_STREAM, positions), labeled.device)
+                if positions is not None
+                else contextlib.nullcontext()
+            )
+            with private:
+                labeled, aug_mask = self.augmentation(labeled, mask)
+                assert aug_mask is not None  # given a mask, the augmentation returns one
+                mask = aug_mask
+                unlabeled, _ = self.augmentation(unlabeled)
+        eps = fusion_weights(self.seed, positions, labeled.device) if positions is not None else None
         return SemiSupervisedBatch(
-            labeled=self.normalize(labeled), mask=mask, unlabeled=self.normalize(unlabeled)
+            labeled=self.normalize(labeled), mask=mask, unlabeled=self.normalize(unlabeled), eps=eps
         )
 
     def make_evaluation_batch(self, batch: CompactEvaluationBatch) -> EvaluationBatch:

@@ -47,6 +47,9 @@ __all__ = [
     "pair_image_mask_folders",
 ]
 
+#: A training item with its stream position: ``(labeled_image, mask, unlabeled_image, position)``.
+TrainItem = tuple[Tensor, Tensor, Tensor, int]
+
 
 @dataclass(frozen=True)
 class ImageMaskPair:
@@ -316,10 +319,12 @@ class ImageDataset(Dataset):
 class SemiSupervisedTrainDataset(Dataset):
     """The training stream's dataset: ``dataset[(l, u)]`` is labeled pair ``l`` and unlabeled image ``u``.
 
-    Indexed by ``(labeled_index, unlabeled_index)`` pairs, as
-    :class:`~gpcps_lightning.data.SemiSupervisedPairSampler` yields them. Returns
-    ``(labeled_image, mask, unlabeled_image)``, uint8 tensors of shapes (3, H, W), (1, H, W), (3, H, W).
-    Unlabeled images come from an :class:`ImageDataset`, so their masks are never opened.
+    Indexed by ``(labeled_index, unlabeled_index)`` pairs, or by the
+    ``(labeled_index, unlabeled_index, position)`` triples that
+    :class:`~gpcps_lightning.data.SemiSupervisedPairSampler` yields. Returns
+    ``(labeled_image, mask, unlabeled_image)``, uint8 tensors of shapes (3, H, W), (1, H, W), (3, H, W),
+    followed by the stream position when the index has one. Unlabeled images come from an
+    :class:`ImageDataset`, so their masks are never opened.
 
     Args:
         labeled: Labeled pairs (original-resolution masks are not used here).
@@ -339,10 +344,12 @@ class SemiSupervisedTrainDataset(Dataset):
         """Number of distinct (labeled, unlabeled) pairs."""
         return len(self.labeled) * len(self.unlabeled)
 
-    def __getitem__(self, index: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-        li, ui = index
+    def __getitem__(self, index: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor] | TrainItem:
+        li, ui, *position = index
         image, mask, _, _ = self.labeled[li]
         unlabeled, _, _ = self.unlabeled[ui]
+        if position:
+            return image, mask, unlabeled, int(position[0])
         return image, mask, unlabeled
 
 
@@ -355,20 +362,26 @@ def _pin(x: Tensor | None) -> Tensor | None:
 class CompactTrainBatch:
     """A training batch as the loader ships it: uint8, not yet augmented or normalised.
 
+    ``positions`` holds each sample's global position in the training stream (plain ints, which stay
+    on the host when the batch moves to the device); it keys the batch's random draws. ``None`` for
+    batches that do not come from :class:`~gpcps_lightning.data.SemiSupervisedPairSampler`.
+
     Shape:
         - labeled: (N, 3, H, W) uint8
         - mask: (N, 1, H, W) uint8 in {0, 1}
         - unlabeled: (N, 3, H, W) uint8
+        - positions: N ints, or ``None``
     """
 
     labeled: Tensor
     mask: Tensor
     unlabeled: Tensor
+    positions: tuple[int, ...] | None = None
 
     def pin_memory(self) -> CompactTrainBatch:
         """Pinned copy (called by the DataLoader's ``pin_memory``)."""
         return CompactTrainBatch(
-            self.labeled.pin_memory(), self.mask.pin_memory(), self.unlabeled.pin_memory()
+            self.labeled.pin_memory(), self.mask.pin_memory(), self.unlabeled.pin_memory(), self.positions
         )
 
 
@@ -410,10 +423,16 @@ class CompactPredictionBatch:
         return CompactPredictionBatch(self.image.pin_memory(), self.original_sizes, self.names)
 
 
-def collate_train(items: Sequence[tuple[Tensor, Tensor, Tensor]]) -> CompactTrainBatch:
-    """Stack :class:`SemiSupervisedTrainDataset` items into a :class:`CompactTrainBatch`."""
-    labeled, mask, unlabeled = (torch.stack(x) for x in zip(*items, strict=True))
-    return CompactTrainBatch(labeled, mask, unlabeled)
+def collate_train(items: Sequence[tuple[Tensor, Tensor, Tensor] | TrainItem]) -> CompactTrainBatch:
+    """Stack :class:`SemiSupervisedTrainDataset` items into a :class:`CompactTrainBatch`.
+
+    The batch has ``positions`` when every item has one.
+    """
+    labeled = torch.stack([item[0] for item in items])
+    mask = torch.stack([item[1] for item in items])
+    unlabeled = torch.stack([item[2] for item in items])
+    positions = tuple(item[3] for item in items if len(item) == 4)
+    return CompactTrainBatch(labeled, mask, unlabeled, positions if len(positions) == len(items) else None)
 
 
 def collate_evaluation(items: Sequence[tuple[Tensor, Tensor, Tensor | None, str]]) -> CompactEvaluationBatch:

@@ -32,10 +32,12 @@ def _stream(n: int, seed: int, stream: int, positions: np.ndarray) -> np.ndarray
 
 
 class SemiSupervisedPairSampler(DistributedSampler):
-    """Yields ``(labeled_index, unlabeled_index)`` pairs, ``steps_per_epoch * batch_size`` per epoch and rank.
+    """Yields ``(labeled, unlabeled, position)`` triples, ``steps_per_epoch * batch_size`` per epoch and rank.
 
     Global sample position ``p`` of the run (over all epochs and ranks) pairs element ``p`` of the
-    labeled stream with element ``p`` of the unlabeled stream. Epoch ``e`` covers positions
+    labeled stream with element ``p`` of the unlabeled stream; ``p`` itself comes with the pair, so
+    that the batch's random draws (augmentation, fusion weights) can be keyed by it
+    (:mod:`gpcps_lightning.data.streams`). Epoch ``e`` covers positions
     ``[e * G, (e + 1) * G)`` with ``G = steps_per_epoch * batch_size * num_replicas``; within it, step
     ``s`` of rank ``r`` takes the ``batch_size`` positions starting at ``e * G + (s * num_replicas + r)
     * batch_size``. Ranks therefore see disjoint samples within a pass over a set; a batch repeats an
@@ -132,11 +134,14 @@ class SemiSupervisedPairSampler(DistributedSampler):
         unlabeled = _stream(self.num_unlabeled, self.seed, _UNLABELED, p)
         return np.stack([labeled, unlabeled], axis=1)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         start = self.start_step if self._start_epoch in (None, self.epoch) else 0
         self.start_step, self._start_epoch = 0, None
-        pairs = self.pairs(self.epoch)[start * self.batch_size :]
-        yield from map(tuple, pairs.tolist())
+        begin = start * self.batch_size
+        pairs = self.pairs(self.epoch)[begin:].tolist()
+        positions = self.positions(self.epoch)[begin:].tolist()
+        for (labeled, unlabeled), position in zip(pairs, positions, strict=True):
+            yield labeled, unlabeled, position
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's position: epoch and the step the next iteration starts at."""

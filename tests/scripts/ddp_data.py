@@ -3,13 +3,15 @@
 Usage: python ddp_data.py DATA_ROOT OUT_DIR
 
 Each rank writes ``sampler_rank{r}.pt``: its training sampler's layout and the (labeled, unlabeled)
-pairs it drew in epoch 0, the number of training batches per epoch, and the validation indices it saw.
+pairs it drew in epoch 0, the number of training batches per epoch, and the validation indices it saw;
+and ``eps_rank{r}.pt``: the fusion weights of its first training batch.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -38,6 +40,12 @@ class Recorder(L.Callback):
             },
             self.out / f"sampler_rank{trainer.global_rank}.pt",
         )
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == 0:
+            torch.save(batch.eps, self.out / f"eps_rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
