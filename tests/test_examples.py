@@ -1,8 +1,11 @@
-"""Every YAML under examples/ is parsed and run for a couple of steps; the example scripts run too.
+"""Every YAML shipped is parsed and run for a couple of steps; the example scripts run too.
 
-Standalone configs run as they are; the files under ``examples/configs/methods`` and ``precision`` are
-overrides and run on top of ``kvasir_gpcps.yaml``, as their headers say. Sizes are shrunk on the
-command line (tiny images, a tiny network, two steps), everything else comes from the shipped files.
+"Shipped" means every YAML under examples/ and the method configs in the package
+(``gpcps_lightning/configs/methods``, package data so that ``gpcps reproduce run`` finds them in an
+installed wheel). Standalone configs run as they are; the method configs and the files under
+``examples/configs/precision`` are overrides and run on top of ``kvasir_gpcps.yaml``, as their headers
+say. Sizes are shrunk on the command line (tiny images, a tiny network, two steps), everything else
+comes from the shipped files.
 Kvasir-SEG configs use the real copy when ``KVASIR_SEG_ROOT`` is set, else a stand-in with the shipped
 file names.
 """
@@ -20,14 +23,17 @@ from test_data_helpers import write_kvasir_standin
 
 from gpcps_lightning.cli import GPCPSCLI
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 CONFIGS = EXAMPLES / "configs"
+METHOD_CONFIGS = REPO / "gpcps_lightning" / "configs" / "methods"
 KVASIR_BASE = CONFIGS / "kvasir_gpcps.yaml"
 OVERRIDE_FOLDERS = ("methods", "precision")
 
 
 def _all_configs() -> list[Path]:
-    return sorted(EXAMPLES.rglob("*.yaml")) + sorted(EXAMPLES.rglob("*.yml"))
+    found = [*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.yml"), *(REPO / "gpcps_lightning").rglob("*.y*ml")]
+    return sorted(found)
 
 
 def _is_override(path: Path) -> bool:
@@ -35,8 +41,11 @@ def _is_override(path: Path) -> bool:
 
 
 def test_every_config_is_either_standalone_or_an_override() -> None:
+    from gpcps_lightning.provenance import shipped_method_names
+
     configs = _all_configs()
     assert KVASIR_BASE in configs and CONFIGS / "quickstart.yaml" in configs
+    assert {METHOD_CONFIGS / f"{name}.yaml" for name in shipped_method_names()} <= set(configs)
     for path in configs:
         content = yaml.safe_load(path.read_text())
         if _is_override(path):
@@ -80,7 +89,7 @@ def _cases() -> list[pytest.param]:
     cases = []
     for path in _all_configs():
         files = [KVASIR_BASE, path] if _is_override(path) else [path]
-        cases.append(pytest.param(files, id=str(path.relative_to(EXAMPLES))))
+        cases.append(pytest.param(files, id=str(path.relative_to(REPO))))
     return cases
 
 
