@@ -1,10 +1,16 @@
-"""Reproduce the paper's Tables 1 and 2 under one protocol: ``gpcps reproduce run`` / ``table``.
+"""Reproduce the paper's Tables 1 and 2 under one protocol: ``gpcps reproduce run|table|doc|methods``.
 
 ``run`` trains every (method, labeled fraction, seed) combination, selects the checkpoint on the
-validation split, evaluates it once on the test split, and writes one JSON record per run. Finished
-runs (a record exists) are skipped; interrupted runs resume from their ``last.ckpt``. ``table`` turns
-the records into paper-style markdown tables (mean ± std over seeds) and a plot of test Dice against
-the labeled fraction.
+validation split, evaluates it once on the test split, and writes one JSON record per run: the run's
+full resolved configuration and the settings compared between runs
+(:mod:`gpcps_lightning.provenance`), the commit of the loaded code, the library versions, the machine
+and the scores. A method is a method config: a shipped one by name (``--methods gpcps``) or a YAML file
+with a LightningCLI ``model:`` block (``--method-config my.yaml``). A finished run (its record exists)
+is reused, and an interrupted one resumed from its ``last.ckpt``, only when its settings are the
+command's; otherwise ``run`` stops before training anything and names the settings that differ.
+``table`` prints the records as tables beside the paper's (:mod:`gpcps_lightning.report`) and a plot;
+``doc`` keeps a markdown file's generated tables equal to that output; ``methods`` lists the shipped
+method configs.
 
 Also available as ``python -m gpcps_lightning.reproduce``.
 """
@@ -16,83 +22,51 @@ import json
 import math
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "MethodSpec", "main", "make_tables", "run_one"]
+from gpcps_lightning._io import atomic_path
+from gpcps_lightning.provenance import (
+    METHOD_ALIASES,
+    MethodConfig,
+    code_version,
+    file_sha256,
+    library_versions,
+    load_method_config,
+    resolved_init_args,
+    run_settings,
+    settings_differences,
+    settings_id,
+    shipped_method_dir,
+    shipped_method_names,
+    split_files,
+    strip_local_paths,
+)
+from gpcps_lightning.report import FRACTION_NAMES, load_records, make_plot, make_tables, sync_doc
 
+__all__ = [
+    "DEFAULT_METHODS",
+    "RECORD_SCHEMA",
+    "load_records",
+    "main",
+    "make_tables",
+    "record_path",
+    "run_one",
+]
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A row of the paper's tables: which module, with which arguments."""
-
-    label: str
-    class_path: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    #: Rows of Table 2 (ablation at 1/8) this method fills, e.g. ("I",).
-    ablation_rows: tuple[str, ...] = ()
-
-
-#: Methods the runner knows. GP-CPS ablation rows II and III are GP-CPS with one weight set to 0;
-#: row I is the supervised UNet (the paper reports the same number for both).
-METHODS: dict[str, MethodSpec] = {
-    "supervised": MethodSpec("UNet (supervised)", "gpcps_lightning.baselines.SupervisedModule", {}, ("I",)),
-    "cps": MethodSpec("CPS", "gpcps_lightning.baselines.CPSModule"),
-    "mean_teacher": MethodSpec("Mean Teacher", "gpcps_lightning.baselines.MeanTeacherModule"),
-    "gpcps_grad": MethodSpec(
-        "GP-CPS L_sup + L_grad", "gpcps_lightning.module.GPCPSModule", {"lambda_semi": 0.0}, ("II",)
-    ),
-    "gpcps_semi": MethodSpec(
-        "GP-CPS L_sup + L_semi", "gpcps_lightning.module.GPCPSModule", {"lambda_grad": 0.0}, ("III",)
-    ),
-    "gpcps": MethodSpec("GP-CPS", "gpcps_lightning.module.GPCPSModule", {}, ("IV",)),
-    "gpcps_lazy8": MethodSpec(
-        "GP-CPS (lazy, k=8)", "gpcps_lightning.module.GPCPSModule", {"gp_every_n_steps": 8}
-    ),
-}
-
-#: The paper's Table 1 (Dice %) and Table 2 (1/8), printed beside measured numbers for reference.
-PAPER_TABLE1: dict[str, dict[float, float]] = {
-    "supervised": {0.5: 78.56, 0.25: 75.63, 0.125: 65.87, 0.0625: 61.24},
-    "cps": {0.5: 79.14, 0.25: 75.82, 0.125: 66.95, 0.0625: 62.27},
-    "gpcps": {0.5: 83.30, 0.25: 81.30, 0.125: 76.64, 0.0625: 72.13},
-}
-PAPER_TABLE2: dict[str, float] = {"I": 65.87, "II": 73.05, "III": 66.71, "IV": 76.64}
-FRACTION_NAMES = {0.5: "1/2", 0.25: "1/4", 0.125: "1/8", 0.0625: "1/16"}
+#: Methods ``run`` trains when neither ``--methods`` nor ``--method-config`` is given.
+DEFAULT_METHODS = ("supervised", "gpcps")
+#: Version of the record layout (2: settings, full configuration, code and versions).
+RECORD_SCHEMA = 2
 
 
 def _import(path: str) -> Any:
     module_name, _, name = path.rpartition(".")
     return getattr(__import__(module_name, fromlist=[name]), name)
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if out.returncode != 0:
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _machine() -> str:
@@ -104,13 +78,8 @@ def _machine() -> str:
     return f"CPU only: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def _fraction_name(fraction: float) -> str:
-    """How the tables name a labeled fraction: "1/8" for the paper's, else the number."""
-    return FRACTION_NAMES.get(fraction, f"{fraction:g}")
-
-
 def _fraction_key(fraction: float) -> str:
-    return _fraction_name(fraction).replace("/", "of")
+    return FRACTION_NAMES.get(fraction, f"{fraction:g}").replace("/", "of")
 
 
 def record_path(out: Path, method: str, fraction: float, seed: int) -> Path:
@@ -118,6 +87,11 @@ def record_path(out: Path, method: str, fraction: float, seed: int) -> Path:
     return out / "records" / f"{method}_{_fraction_key(fraction)}_seed{seed}.json"
 
 
+def _run_dir(out: Path, method: str, fraction: float, seed: int) -> Path:
+    return out / "runs" / method / _fraction_key(fraction) / f"seed{seed}"
+
+
+# ----------------------------------------------------------------------------- building a run
 def _make_datamodule(args: argparse.Namespace, fraction: float, seed: int) -> Any:
     common: dict[str, Any] = dict(
         batch_size=args.batch_size,
@@ -139,27 +113,133 @@ def _make_datamodule(args: argparse.Namespace, fraction: float, seed: int) -> An
     return SyntheticPolypDataModule(root=args.data_root, num_images=args.synthetic_images, **common)
 
 
-def _make_module(spec: MethodSpec, args: argparse.Namespace, seed: int) -> Any:
-    cls = _import(spec.class_path)
-    kwargs: dict[str, Any] = dict(spec.kwargs)
-    kwargs.update(
-        arch=args.arch,
-        encoder_name=args.encoder,
-        encoder_weights=None if args.encoder_weights in (None, "none", "None") else args.encoder_weights,
-        lr=args.lr,
-    )
-    # Different runs differ in their seeds only: network initialisation included.
-    if "seeds" in _init_params(cls):
-        kwargs["seeds"] = (2 * seed + 1, 2 * seed + 2)
-    elif "network_seed" in _init_params(cls):
-        kwargs["network_seed"] = 2 * seed + 1
-    return cls(**kwargs)
+def _module_class(config: MethodConfig) -> type:
+    from gpcps_lightning.module import SegmentationModule
+
+    path = config.class_path if "." in config.class_path else f"gpcps_lightning.{config.class_path}"
+    try:
+        cls = _import(path)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"Method config {config.file}: class_path {config.class_path!r} cannot be imported ({err}); give "
+            "the full class path, e.g. gpcps_lightning.GPCPSModule."
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationModule)):
+        raise ValueError(
+            f"Method config {config.file}: {config.class_path!r} is not a SegmentationModule subclass, which "
+            "the runner needs (its heads, metrics and selection head)."
+        )
+    return cls
 
 
-def _init_params(cls: type) -> set[str]:
+def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> Any:
     import inspect
 
-    return set(inspect.signature(cls).parameters)
+    cls = _module_class(config)
+    kwargs: dict[str, Any] = dict(config.init_args)
+    # The command line overrides the method config only where it is given.
+    for option, name in (("arch", "arch"), ("encoder", "encoder_name"), ("lr", "lr")):
+        if getattr(args, option, None) is not None:
+            kwargs[name] = getattr(args, option)
+    weights = getattr(args, "encoder_weights", None)
+    if weights is not None:
+        kwargs["encoder_weights"] = None if weights.lower() == "none" else weights
+    # Different runs differ in their seeds only: network initialisation included.
+    parameters = set(inspect.signature(cls).parameters)
+    if "seeds" in parameters:
+        kwargs["seeds"] = (2 * seed + 1, 2 * seed + 2)
+    elif "network_seed" in parameters:
+        kwargs["network_seed"] = 2 * seed + 1
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"Method config {config.file}: {cls.__name__} does not take these arguments ({err}); fix "
+            "`model.init_args`."
+        ) from err
+
+
+@dataclass
+class _Run:
+    """One (method, fraction, seed) of a command, built: what it would train and where it goes."""
+
+    config: MethodConfig
+    fraction: float
+    seed: int
+    module: Any
+    datamodule: Any
+    settings: dict[str, Any]
+    target: Path
+    run_dir: Path
+
+
+def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float, seed: int) -> _Run:
+    import lightning as L
+
+    config = method if isinstance(method, MethodConfig) else load_method_config(method)
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = _make_module(config, args, seed)
+    datamodule = _make_datamodule(args, fraction, seed)
+    settings = run_settings(
+        module, datamodule, max_steps=args.max_steps, val_every=args.val_every, precision=args.precision
+    )
+    out = Path(args.out)
+    return _Run(
+        config,
+        fraction,
+        seed,
+        module,
+        datamodule,
+        settings,
+        record_path(out, config.name, fraction, seed),
+        _run_dir(out, config.name, fraction, seed),
+    )
+
+
+def _reusable_record(run: _Run) -> dict[str, Any] | None:
+    """The finished record if it may stand for this command; ``None`` if the run is to train (or resume).
+
+    Raises:
+        ValueError: If the record, or the interrupted run in the run folder, has other settings (or none).
+    """
+    if run.target.exists():
+        try:
+            record = json.loads(run.target.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"Run record {run.target} is not valid JSON ({err}); delete it to rerun that run."
+            ) from err
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise ValueError(
+                f"Run record {run.target} holds no settings (an older runner wrote it), so it cannot be "
+                "checked against this command: delete it to rerun that run, or pass another --out."
+            )
+        differences = settings_differences(record["settings"], run.settings)
+        if differences:
+            raise ValueError(
+                f"Run record {run.target} was made with other settings than this command: "
+                f"{'; '.join(differences)}. It cannot stand for this command: pass another --out for these "
+                "settings, or delete the record to rerun that run with them."
+            )
+        return record
+    if (run.run_dir / "checkpoints" / "last.ckpt").exists():
+        stored = run.run_dir / "settings.json"
+        try:
+            recorded = json.loads(stored.read_text())["settings"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"Run folder {run.run_dir} holds an interrupted run (checkpoints/last.ckpt) without readable "
+                "settings (settings.json; an older runner wrote it), so resuming it cannot be checked "
+                "against this command: delete the folder to start that run afresh, or pass another --out."
+            ) from None
+        differences = settings_differences(recorded, run.settings)
+        if differences:
+            raise ValueError(
+                f"Run folder {run.run_dir} holds an interrupted run with other settings than this command: "
+                f"{'; '.join(differences)}. Resuming it would mix two settings in one run: pass another "
+                "--out for these settings, or delete the folder to start that run afresh."
+            )
+    return None
 
 
 def _metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -169,11 +249,27 @@ def _metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return merged
 
 
-def run_one(args: argparse.Namespace, method: str, fraction: float, seed: int) -> dict[str, Any]:
-    """Train, select on val, test once, and write the record of one run (or return the existing one).
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def run_one(
+    args: argparse.Namespace, method: str | MethodConfig, fraction: float, seed: int
+) -> dict[str, Any]:
+    """Train, select on val, test once, and write the record of one run (or return the finished one).
+
+    Args:
+        args: The parsed options of ``gpcps reproduce run``.
+        method: A shipped method's name or a :class:`~gpcps_lightning.provenance.MethodConfig`.
+        fraction: Labeled fraction.
+        seed: Seed of the run (data order, draws, network initialisation).
+
+    Returns:
+        The run's record.
 
     Raises:
-        ValueError: On an unknown method.
+        ValueError: On an unknown method, a bad method config, or a finished record / interrupted run
+            whose settings differ from this command's (the message names the settings).
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -181,23 +277,25 @@ def run_one(args: argparse.Namespace, method: str, fraction: float, seed: int) -
 
     from gpcps_lightning.checkpointing import SafeCheckpointIO
 
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    out = Path(args.out)
-    target = record_path(out, method, fraction, seed)
-    if target.exists():
-        return json.loads(target.read_text())
-    spec = METHODS[method]
-    run_dir = out / "runs" / method / _fraction_key(fraction) / f"seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    commit = _commit()  # the code that trains: read before training, as the checkout may move on meanwhile
-    L.seed_everything(seed, workers=True, verbose=False)
-    module = _make_module(spec, args, seed)
-    datamodule = _make_datamodule(args, fraction, seed)
+    config = method if isinstance(method, MethodConfig) else load_method_config(method)
+    run = _build(args, config, fraction, seed)
+    finished = _reusable_record(run)
+    if finished is not None:
+        return finished
+    module, datamodule = run.module, run.datamodule
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    resumed = last.exists()
+    # The code that trains: read before training, as the checkout may move on meanwhile.
+    code, versions = code_version(), library_versions()
+    started: dict[str, Any] = {"settings": run.settings, "code": code, "versions": versions}
+    if resumed:
+        started = json.loads((run.run_dir / "settings.json").read_text())
+    else:
+        with atomic_path(run.run_dir / "settings.json") as tmp:
+            tmp.write_text(json.dumps(started, indent=2, sort_keys=True))
     monitor = f"val/dice_{module.selection_head}"
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=run.run_dir / "checkpoints",
         filename="best",
         monitor=monitor,
         mode="max",
@@ -213,50 +311,87 @@ def run_one(args: argparse.Namespace, method: str, fraction: float, seed: int) -
         val_check_interval=args.val_every,
         num_sanity_val_steps=0,
         callbacks=[checkpoint],
-        logger=CSVLogger(run_dir, name="logs"),
+        logger=CSVLogger(run.run_dir, name="logs"),
         plugins=[SafeCheckpointIO()],
         enable_progress_bar=args.progress_bar,
         enable_model_summary=False,
-        default_root_dir=run_dir,
+        default_root_dir=run.run_dir,
     )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resumed = last.exists()
-    started = time.perf_counter()
+    clock = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=str(last) if resumed else None)
-    train_seconds = time.perf_counter() - started
-    best = checkpoint.best_model_path or str(last)
+    train_seconds = time.perf_counter() - clock
+    best = checkpoint.best_model_path
+    folder = (run.run_dir / "checkpoints").resolve()
+    if not best or Path(best).resolve().parent != folder:  # a resumed run whose --out folder was moved
+        best = str(folder / "best.ckpt") if (folder / "best.ckpt").exists() else str(last)
     val = _metrics(trainer.validate(module, datamodule, ckpt_path=best, verbose=False))
     test = _metrics(trainer.test(module, datamodule, ckpt_path=best, verbose=False))
-    best_step = int(_read_step(best))
+    split = datamodule.split
+    height, width = datamodule.image_size
     record: dict[str, Any] = {
-        "method": method,
-        "label": spec.label,
-        "class_path": spec.class_path,
-        "kwargs": spec.kwargs,
+        "schema": RECORD_SCHEMA,
+        "method": config.name,
+        "label": config.label,
         "fraction": fraction,
         "seed": seed,
-        "commit": commit,
+        "settings_id": settings_id(run.settings),
+        "settings": run.settings,
+        "method_config": config.describe(),
+        "config": strip_local_paths(
+            {
+                "model": {"class_path": _class_path(module), "init_args": resolved_init_args(module)},
+                "data": {"class_path": _class_path(datamodule), "init_args": resolved_init_args(datamodule)},
+                "trainer": {
+                    "accelerator": args.accelerator,
+                    "devices": 1,
+                    "precision": args.precision,
+                    "max_steps": args.max_steps,
+                    "val_check_interval": args.val_every,
+                    "check_val_every_n_epoch": None,
+                    "num_sanity_val_steps": 0,
+                },
+                "checkpoint": {
+                    "monitor": monitor,
+                    "mode": "max",
+                    "selected_on": "val",
+                    "reported_on": "test",
+                },
+            }
+        ),
+        "resolved": {
+            "steps_per_epoch": datamodule.train_steps_per_epoch,
+            "images": {
+                "labeled": len(split.labeled),
+                "unlabeled": len(split.unlabeled),
+                "val": len(split.val),
+                "test": len(split.test),
+            },
+            "evaluation_size": (
+                "original" if datamodule.eval_at_original_size else f"training size {height}x{width}"
+            ),
+            "precision": str(trainer.precision),
+            "accelerator": type(trainer.accelerator).__name__,
+        },
+        "split_files": {
+            role: {"file": path.name, "sha256": file_sha256(path)}
+            for role, path in split_files(datamodule).items()
+        },
+        "code": code,
+        "versions": versions,
         "machine": _machine(),
-        "precision": args.precision,
         "wall_time_s": round(train_seconds, 1),
         # a resumed run's wall time covers the part after the interruption only
         "resumed": resumed,
-        "max_steps": args.max_steps,
-        "best_step": best_step,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "arch": args.arch,
-        "encoder": args.encoder,
-        "lr": args.lr,
-        "data": args.data,
+        "best_step": _read_step(best),
         "selection_head": module.selection_head,
         "val": {k.removeprefix("val/"): v for k, v in val.items()},
         "test": {k.removeprefix("test/"): v for k, v in test.items()},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp, target)
+    if resumed:
+        record["code_at_start"] = started.get("code")
+        record["versions_at_start"] = started.get("versions")
+    with atomic_path(run.target) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 
@@ -269,140 +404,7 @@ def _read_step(path: str) -> int:
         return -1
 
 
-# ------------------------------------------------------------------------- tables
-def load_records(folder: str | Path) -> list[dict[str, Any]]:
-    """All JSON records under ``folder`` (its ``records/`` subfolder if there is one).
-
-    Raises:
-        FileNotFoundError: If no record is found.
-        ValueError: If a record cannot be parsed (the file is named).
-    """
-    root = Path(folder)
-    paths = sorted((root / "records" if (root / "records").is_dir() else root).glob("*.json"))
-    if not paths:
-        raise FileNotFoundError(f"No run records (*.json) under {root}. Run `gpcps reproduce run` first.")
-    records = []
-    for p in paths:
-        try:
-            records.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"Run record {p} is not valid JSON ({err}); delete it to rerun that run."
-            ) from err
-    return records
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.2f} (n=1)"
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
-
-
-def _dice(record: dict[str, Any], head: str | None = None) -> float:
-    return 100.0 * float(record["test"][f"dice_{head or record['selection_head']}"])
-
-
-def make_tables(records: list[dict[str, Any]]) -> str:
-    """Paper-style markdown: Table 1 (methods x fractions), Table 2 (ablation at 1/8), all heads."""
-    fractions = sorted({float(r["fraction"]) for r in records}, reverse=True)
-    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
-    lines = ["### Table 1: test Dice (%) of the selected head, mean ± std over seeds", ""]
-    header = "| Method | " + " | ".join(_fraction_name(f) for f in fractions) + " | paper (same fractions) |"
-    lines += [header, "|---|" + "---|" * (len(fractions) + 1)]
-    for m in methods:
-        cells = [
-            _mean_std([_dice(r) for r in records if r["method"] == m and r["fraction"] == f])
-            for f in fractions
-        ]
-        paper = PAPER_TABLE1.get(m, {})
-        ref = ", ".join(f"{paper[f]:.2f}" for f in fractions if f in paper) or "–"
-        lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {ref} |")
-    ablation = [(row, m) for m in methods for row in METHODS[m].ablation_rows]
-    if ablation and any(r["fraction"] == 0.125 for r in records):
-        lines += [
-            "",
-            "### Table 2: ablation at 1/8, test Dice (%)",
-            "",
-            "| Row | Losses | measured | paper |",
-            "|---|---|---|---|",
-        ]
-        for row, m in sorted(ablation):
-            values = [_dice(r) for r in records if r["method"] == m and r["fraction"] == 0.125]
-            lines.append(f"| {row} | {METHODS[m].label} | {_mean_std(values)} | {PAPER_TABLE2[row]:.2f} |")
-    lines += [
-        "",
-        "### Every head (test Dice / IoU %, mean over seeds)",
-        "",
-        "| Method | fraction | head | Dice | IoU | seeds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in methods:
-        for f in fractions:
-            group = [r for r in records if r["method"] == m and r["fraction"] == f]
-            heads = sorted(
-                {k.removeprefix("dice_") for r in group for k in r["test"] if k.startswith("dice_")}
-            )
-            for h in heads:
-                dice = [100 * r["test"][f"dice_{h}"] for r in group if f"dice_{h}" in r["test"]]
-                iou = [100 * r["test"][f"iou_{h}"] for r in group if f"iou_{h}" in r["test"]]
-                name = _fraction_name(f)
-                lines.append(
-                    f"| {METHODS[m].label} | {name} | {h} | {statistics.fmean(dice):.2f} | "
-                    f"{statistics.fmean(iou):.2f} | {len(group)} |"
-                )
-    lines += [
-        "",
-        "### Every run (selected head; wall time of training, validation included)",
-        "",
-        "| Method | fraction | seed | selected step | val Dice | test Dice | wall time (min) | commit |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(records, key=lambda r: (list(METHODS).index(r["method"]), -r["fraction"], r["seed"])):
-        head = r["selection_head"]
-        minutes = f"{r['wall_time_s'] / 60:.1f}" + (" (resumed part)" if r.get("resumed") else "")
-        fraction = _fraction_name(r["fraction"])
-        lines.append(
-            f"| {METHODS[r['method']].label} | {fraction} | "
-            f"{r['seed']} | {r.get('best_step', '–')} | {100 * r['val'][f'dice_{head}']:.2f} | "
-            f"{_dice(r):.2f} | {minutes} | {r.get('commit', '–')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def make_plot(records: list[dict[str, Any]], path: str | Path) -> None:
-    """Plot test Dice (selected head) against the labeled fraction, one line per method, std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for m in METHODS:
-        group = [r for r in records if r["method"] == m]
-        if not group:
-            continue
-        fractions = sorted({float(r["fraction"]) for r in group})
-        means, stds = [], []
-        for f in fractions:
-            values = [_dice(r) for r in group if r["fraction"] == f]
-            means.append(statistics.fmean(values))
-            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=METHODS[m].label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("labeled fraction of the training set")
-    ax.set_ylabel("test Dice (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpcps reproduce", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -412,7 +414,21 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = run.add_argument
-    add("--methods", nargs="+", default=["supervised", "gpcps"], choices=list(METHODS), help="rows to train")
+    add(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=shipped_method_names() + sorted(METHOD_ALIASES),
+        help="shipped method configs to train (`gpcps reproduce methods` lists them); default: "
+        f"{' '.join(DEFAULT_METHODS)} unless --method-config is given",
+    )
+    add(
+        "--method-config",
+        nargs="+",
+        default=None,
+        metavar="YAML",
+        help="method config files (a LightningCLI `model:` block), each a method named by its file stem",
+    )
     add(
         "--fractions",
         nargs="+",
@@ -428,10 +444,14 @@ def _parser() -> argparse.ArgumentParser:
     add("--steps-per-epoch", type=int, default=None, help="epoch length; None: ceil(800 / batch size)")
     add("--image-size", type=int, default=256, help="training size in pixels (paper: 256)")
     add("--batch-size", type=int, default=16, help="labeled and unlabeled images per step, each (paper: 16)")
-    add("--arch", default="Unet", help="segmentation-models-pytorch architecture")
-    add("--encoder", default="resnet34", help="segmentation-models-pytorch encoder")
-    add("--encoder-weights", default=None, help="encoder weights, e.g. imagenet; None: random init")
-    add("--lr", type=float, default=1e-4, help="Adam learning rate of every method (paper: 1e-4)")
+    add("--arch", default=None, help="smp architecture; None: the method config's, else Unet")
+    add("--encoder", default=None, help="smp encoder; None: the method config's, else resnet34")
+    add(
+        "--encoder-weights",
+        default=None,
+        help="encoder weights (imagenet), or none for random init; None: the method config's, else random",
+    )
+    add("--lr", type=float, default=None, help="Adam learning rate; None: the method config's, else 1e-4")
     add("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
     add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     add("--num-workers", type=int, default=None, help="data loader workers; None: the datamodule's default")
@@ -442,26 +462,78 @@ def _parser() -> argparse.ArgumentParser:
     add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
     add("--out", default="runs/reproduce", help="folder for records/ and runs/")
     add("--progress-bar", action="store_true", help="show Lightning's progress bar")
-    table = sub.add_parser("table", help="markdown tables and a plot from the JSON records")
+    table = sub.add_parser(
+        "table", help="markdown tables (beside the paper's) and a plot from the JSON records"
+    )
     table.add_argument("records", help="the --out folder of `run` (or a folder of records)")
     table.add_argument("--markdown", default=None, help="write the tables here (default: print)")
     table.add_argument("--plot", default=None, help="write the Dice-vs-fraction plot here (PNG)")
+    doc = sub.add_parser(
+        "doc",
+        help="regenerate the generated table blocks of a markdown file (e.g. docs/results.md) from records",
+    )
+    doc.add_argument("path", help="the markdown file; its blocks name their records folder")
+    doc.add_argument("--check", action="store_true", help="only compare; exit 1 if a block differs")
+    doc.add_argument(
+        "--base", default=None, help="folder the blocks' record folders are relative to (default: .)"
+    )
+    sub.add_parser("methods", help="list the shipped method configs")
     return parser
+
+
+def _method_configs(args: argparse.Namespace) -> list[MethodConfig]:
+    names = args.methods if args.methods is not None else ([] if args.method_config else DEFAULT_METHODS)
+    configs = [load_method_config(n) for n in names]
+    configs += [load_method_config(Path(p)) for p in args.method_config or []]
+    unique: dict[str, MethodConfig] = {}
+    for config in configs:
+        known = unique.setdefault(config.name, config)
+        if known.sha256 != config.sha256:
+            raise SystemExit(
+                f"gpcps reproduce: two different method configs are named {config.name!r} (a method is named "
+                "by its file); rename one of the files."
+            )
+    return list(unique.values())
+
+
+def _list_methods() -> int:
+    folder = shipped_method_dir()
+    aliases = {target: alias for alias, target in METHOD_ALIASES.items()}
+    print(f"Shipped method configs ({folder}):")
+    for name in shipped_method_names():
+        config = load_method_config(name)
+        alias = f" (also: {aliases[name]})" if name in aliases else ""
+        print(f"  {name:<15} {config.label}: {config.class_path} {config.init_args or ''}{alias}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gpcps reproduce``."""
     args = _parser().parse_args(argv)
+    if args.command == "methods":
+        return _list_methods()
     if args.command == "table":
         records = load_records(args.records)
         text = make_tables(records)
         if args.markdown:
             Path(args.markdown).write_text(text)
         else:
-            print(text)
+            sys.stdout.write(text)
         if args.plot:
             make_plot(records, args.plot)
         return 0
+    if args.command == "doc":
+        stale = sync_doc(args.path, check=args.check, base=args.base)
+        for folder in stale:
+            if args.check:
+                print(
+                    f"gpcps reproduce doc: {args.path}: the block of {folder} differs from its records; "
+                    f"`gpcps reproduce doc {args.path}` regenerates it",
+                    flush=True,
+                )
+            else:
+                print(f"gpcps reproduce doc: {args.path}: regenerated the block of {folder}", flush=True)
+        return 1 if args.check and stale else 0
     for value, name in (
         (args.max_steps, "--max-steps"),
         (args.val_every, "--val-every"),
@@ -472,19 +544,25 @@ def main(argv: list[str] | None = None) -> int:
     for fraction in args.fractions:
         if not 0 < fraction < 1 or not math.isfinite(fraction):
             raise SystemExit(f"gpcps reproduce: --fractions must lie in (0, 1), got {fraction}.")
-    for fraction in args.fractions:
-        for seed in args.seeds:
-            for method in args.methods:
-                done = record_path(Path(args.out), method, fraction, seed).exists()
-                state = "done, skipped" if done else "running"
-                print(f"[reproduce] {method} fraction={fraction} seed={seed}: {state}", flush=True)
-                record = run_one(args, method, fraction, seed)
-                head = record["selection_head"]
-                print(
-                    f"[reproduce] {method} fraction={fraction} seed={seed}: test dice_{head}="
-                    f"{100 * record['test'][f'dice_{head}']:.2f} ({record['wall_time_s']} s)",
-                    flush=True,
-                )
+    configs = _method_configs(args)
+    out = Path(args.out)
+    grid = [(c, f, s) for f in args.fractions for s in args.seeds for c in configs]
+    # Check every finished or interrupted run first: a mismatch stops the command before hours of training.
+    for config, fraction, seed in grid:
+        done = record_path(out, config.name, fraction, seed).exists()
+        if done or (_run_dir(out, config.name, fraction, seed) / "checkpoints" / "last.ckpt").exists():
+            _reusable_record(_build(args, config, fraction, seed))
+    for config, fraction, seed in grid:
+        done = record_path(out, config.name, fraction, seed).exists()
+        state = "done, settings match, skipped" if done else "running"
+        print(f"[reproduce] {config.name} fraction={fraction} seed={seed}: {state}", flush=True)
+        record = run_one(args, config, fraction, seed)
+        head = record["selection_head"]
+        print(
+            f"[reproduce] {config.name} fraction={fraction} seed={seed} settings={record['settings_id']}: "
+            f"test dice_{head}={100 * record['test'][f'dice_{head}']:.2f} ({record['wall_time_s']} s)",
+            flush=True,
+        )
     return 0
 
 
