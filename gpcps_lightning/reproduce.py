@@ -419,6 +419,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         choices=shipped_method_names() + sorted(METHOD_ALIASES),
+        metavar="NAME",
         help="shipped method configs to train (`gpcps reproduce methods` lists them); default: "
         f"{' '.join(DEFAULT_METHODS)} unless --method-config is given",
     )
@@ -503,7 +504,8 @@ def _list_methods() -> int:
     for name in shipped_method_names():
         config = load_method_config(name)
         alias = f" (also: {aliases[name]})" if name in aliases else ""
-        print(f"  {name:<15} {config.label}: {config.class_path} {config.init_args or ''}{alias}")
+        arguments = f" {config.init_args}" if config.init_args else ""
+        print(f"  {name:<15} {config.label}: {config.class_path}{arguments}{alias}")
     return 0
 
 

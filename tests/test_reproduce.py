@@ -168,12 +168,14 @@ def test_t_quantile_matches_tables() -> None:
         t_quantile(0)
 
 
-def test_empty_records_folder_shows_the_papers_rows(tmp_path: Path) -> None:
+def test_empty_records_folder_shows_the_papers_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = make_tables(load_records(tmp_path))
     assert "| GP-CPS | paper | – | 83.30 | 81.30 | 76.64 | 72.13 |" in text
     assert "| IV | L_sup + L_grad + L_semi | paper | – | 76.64 |" in text
     assert text.count("**No record yet** in this folder") == 2
     assert "measured |" not in text
+    assert main(["table", str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 0  # the paper's lines only
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and capsys.readouterr().out == text
 
 
 def test_table_command_writes_markdown_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
