@@ -5,7 +5,8 @@ Every checkpoint is scored on every folder with the library's own evaluation: th
 stem, any format the data layer reads, resized to the checkpoint's training size and normalised with its
 datamodule's mean/std), and each batch goes through the module's own test step, whose metrics (per-image
 Dice and IoU at threshold 0.5 by default, at each mask's original size) are read back one image at a time.
-So the mean of the per-image scores is the number ``gpcps test`` would report for the same images.
+So the mean of the per-image scores is the number ``gpcps test`` would report for the same images (with
+the datamodules' default ``eval_at_original_size=True``).
 
 An image whose prediction and mask are both empty has no Dice or IoU (0 / 0): as in validation and test,
 it is left out of the means and recorded with ``None`` scores.
@@ -459,7 +460,7 @@ def evaluate_module(
     module: SegmentationModule,
     pairs: Sequence[ImageMaskPair],
     preprocessing: Preprocessing,
-    heads: Sequence[str] | None = None,
+    heads: str | Sequence[str] | None = None,
     threshold: float | None = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
@@ -475,7 +476,7 @@ def evaluate_module(
         module: The trained module.
         pairs: The image/mask files (see :func:`read_evaluation_folder`).
         preprocessing: The training size and normalisation of the module's datamodule.
-        heads: Heads to report (default: all of the module's heads; they are computed together anyway).
+        heads: Head names (or ``"all"``) to report; default: every head (all are computed anyway).
         threshold: Probability threshold (default: the module's ``threshold``).
         batch_size: Images per forward pass.
         device: Where to run (default: CUDA if available, else CPU).
@@ -488,9 +489,11 @@ def evaluate_module(
         ValueError: On an unknown head, a bad option, or a file that cannot be decoded (named).
     """
     _check_options(batch_size, threshold, num_workers)
-    wanted = tuple(heads) if heads is not None else tuple(module.head_names)
-    for head in wanted:
-        resolve_heads(module, head)
+    if heads is None:
+        heads = [ALL_HEADS]
+    elif isinstance(heads, str):
+        heads = [heads]
+    wanted = tuple(dict.fromkeys(h for name in heads for h in resolve_heads(module, name)))
     target = _device(device)
     module.to(target)
     dataset = ImageMaskDataset(pairs, preprocessing.image_size, original_masks=True)

@@ -179,8 +179,12 @@ def test_empty_prediction_and_mask_are_left_out_as_the_test_stage_does(tmp_path:
     assert logged["test/dice_net1"] == pytest.approx((400 / 1400) / 3, abs=1e-6)  # mean of three, not four
     assert logged["test/iou_net1"] == pytest.approx((200 / 1200) / 3, abs=1e-6)
     assert math.isnan(_test_stage(module, root, ["a_dark_empty"], tmp_path)["test/dice_net1"])
-    # The module is left as it was: its own metrics, threshold and mode.
-    assert module.threshold == 0.5 and module.training
+    # A module still attached to its Trainer (as after trainer.test) is scored the same and left as it
+    # was: its Trainer, metrics, threshold and mode.
+    trainer = module.trainer
+    module.train()
+    assert evaluate_module(module, pairs, preprocessing, "net1", device="cpu") == {"net1": scores}
+    assert module.trainer is trainer and module.threshold == 0.5 and module.training
     assert all(type(m).__name__ == "MetricCollection" for m in module.test_metrics.values())
 
 
