@@ -16,8 +16,9 @@ YAML files work in a user's own ``LightningCLI``. On top of Lightning's options 
 the checkpoint folder), and W&B goes offline with a message when there is no W&B login.
 
 Other commands are dispatched to their modules: ``gpcps bench ...`` (:mod:`gpcps_lightning.bench`),
-``gpcps reproduce ...`` (:mod:`gpcps_lightning.reproduce`) and ``gpcps export ...``
-(:mod:`gpcps_lightning.export`); each takes ``--help``.
+``gpcps reproduce ...`` (:mod:`gpcps_lightning.reproduce`), ``gpcps export ...``
+(:mod:`gpcps_lightning.export`) and ``gpcps evaluate ...`` (:mod:`gpcps_lightning.evaluate`); each takes
+``--help``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("gpcps_lightning.bench", "Benchmark training-step speed and memory."),
     "reproduce": ("gpcps_lightning.reproduce", "Reproduce the paper's tables under one protocol."),
     "export": ("gpcps_lightning.export", "Export a checkpoint to TorchScript or ONNX."),
+    "evaluate": ("gpcps_lightning.evaluate", "Evaluate checkpoints on other image/mask folders."),
 }
 
 _DESCRIPTION = (
