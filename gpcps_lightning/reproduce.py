@@ -141,6 +141,8 @@ def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> A
     for option, name in (("arch", "arch"), ("encoder", "encoder_name"), ("lr", "lr")):
         if getattr(args, option, None) is not None:
             kwargs[name] = getattr(args, option)
+    if getattr(args, "network_kwargs", None) is not None:
+        kwargs["network_kwargs"] = dict(args.network_kwargs)
     weights = getattr(args, "encoder_weights", None)
     if weights is not None:
         kwargs["encoder_weights"] = None if weights.lower() == "none" else weights
@@ -281,6 +283,11 @@ def run_one(
     run = _build(args, config, fraction, seed)
     finished = _reusable_record(run)
     if finished is not None:
+        missing = [d for d in _external_folders(args) if Path(d).name not in finished.get("external", {})]
+        if missing:
+            _add_external_from_checkpoint(finished, run, missing)
+            with atomic_path(run.target) as tmp:
+                tmp.write_text(json.dumps(finished, indent=2, sort_keys=True) + "\n")
         return finished
     module, datamodule = run.module, run.datamodule
     last = run.run_dir / "checkpoints" / "last.ckpt"
@@ -326,6 +333,9 @@ def run_one(
         best = str(folder / "best.ckpt") if (folder / "best.ckpt").exists() else str(last)
     val = _metrics(trainer.validate(module, datamodule, ckpt_path=best, verbose=False))
     test = _metrics(trainer.test(module, datamodule, ckpt_path=best, verbose=False))
+    # trainer.test loaded the selected checkpoint into `module`: score it image by image.
+    test_images = _per_image(module, datamodule.test_dataset.pairs, datamodule)
+    external = {Path(d).name: _external_entry(module, d, datamodule) for d in _external_folders(args)}
     split = datamodule.split
     height, width = datamodule.image_size
     record: dict[str, Any] = {
@@ -386,13 +396,76 @@ def run_one(
         "selection_head": module.selection_head,
         "val": {k.removeprefix("val/"): v for k, v in val.items()},
         "test": {k.removeprefix("test/"): v for k, v in test.items()},
+        # Per-image test scores of every head ([name, dice, iou]; null where prediction and mask are both
+        # empty), for intervals over images.
+        "test_images": test_images,
     }
+    if external:
+        record["external"] = external
     if resumed:
         record["code_at_start"] = started.get("code")
         record["versions_at_start"] = started.get("versions")
     with atomic_path(run.target) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _external_folders(args: argparse.Namespace) -> list[str]:
+    folders = list(getattr(args, "external", None) or [])
+    names = [Path(d).name for d in folders]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"--external folders are recorded by their folder name, and {duplicates} occur twice; rename one."
+        )
+    return folders
+
+
+def _per_image(module: Any, pairs: Sequence[Any], datamodule: Any) -> dict[str, list[list[Any]]]:
+    from gpcps_lightning.evaluate import evaluate_module
+    from gpcps_lightning.predict import Preprocessing
+
+    scores = evaluate_module(
+        module, pairs, Preprocessing.from_datamodule(datamodule), heads="all", device=module.device
+    )
+    return {head: [[s.name, s.dice, s.iou] for s in values] for head, values in scores.items()}
+
+
+def _summary(images: dict[str, list[list[Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for head, rows in images.items():
+        dice = [r[1] for r in rows if r[1] is not None]
+        iou = [r[2] for r in rows if r[2] is not None]
+        out[f"dice_{head}"] = sum(dice) / len(dice) if dice else None
+        out[f"iou_{head}"] = sum(iou) / len(iou) if iou else None
+    return out
+
+
+def _external_entry(module: Any, folder: str, datamodule: Any) -> dict[str, Any]:
+    """Scores of the selected checkpoint (already in ``module``) on one external image/mask folder."""
+    from gpcps_lightning.evaluate import read_evaluation_folder
+
+    images = _per_image(module, read_evaluation_folder(folder), datamodule)
+    return {"folder": Path(folder).name, **_summary(images), "images": images}
+
+
+def _add_external_from_checkpoint(record: dict[str, Any], run: _Run, folders: Sequence[str]) -> None:
+    """Score a finished run's selected checkpoint on folders its record does not hold yet."""
+    from gpcps_lightning.checkpointing import read_checkpoint
+
+    best = run.run_dir / "checkpoints" / "best.ckpt"
+    if not best.exists():
+        raise ValueError(
+            f"Run record {run.target} holds no scores for --external {', '.join(map(str, folders))}, and the "
+            f"run's selected checkpoint {best} is gone: delete the record to rerun that run, or leave those "
+            "folders out."
+        )
+    module = run.module
+    module.load_state_dict(read_checkpoint(best)["state_dict"])
+    run.datamodule.setup("test")
+    external = record.setdefault("external", {})
+    for folder in folders:
+        external[Path(folder).name] = _external_entry(module, folder, run.datamodule)
 
 
 def _read_step(path: str) -> int:
@@ -463,6 +536,22 @@ def _parser() -> argparse.ArgumentParser:
     add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
     add("--out", default="runs/reproduce", help="folder for records/ and runs/")
     add("--progress-bar", action="store_true", help="show Lightning's progress bar")
+    add(
+        "--network-kwargs",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="further smp.create_model arguments as JSON, e.g. "
+        '\'{"encoder_depth": 3, "decoder_channels": [32, 16, 8]}\'; None: the method config\'s',
+    )
+    add(
+        "--external",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="image/mask folders (images/ + masks/) on which each run's selected checkpoint is also scored, "
+        "once, after selection on val (recorded under `external`, by folder name)",
+    )
     table = sub.add_parser(
         "table", help="markdown tables (beside the paper's) and a plot from the JSON records"
     )
