@@ -220,7 +220,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         self.augmentation: SegmentationAugmentation | None = self.build_augmentation() if augment else None
         self._split: DataSplit | None = None
         self._checked: dict[str, list[tuple[int, int]]] = {}
-        self._resume_position: tuple[int, int] | None = None
+        self._resume_position: tuple[int, int, int | None] | None = None
         self.train_dataset: SemiSupervisedTrainDataset | None = None
         self.val_dataset: ImageMaskDataset | None = None
         self.test_dataset: ImageMaskDataset | None = None
@@ -373,6 +373,17 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             rank=rank,
         )
 
+    def _resume_next_position(self, steps_per_epoch: int) -> tuple[int, int]:
+        """``(epoch, step)`` where the resumed stream starts: the saved epoch's next step or the next epoch.
+
+        An epoch is finished when its steps done reach the length Lightning ran it with (saved as
+        ``epoch_length``; checkpoints without it: the sampler's full epoch).
+        """
+        assert self._resume_position is not None
+        epoch, done, length = self._resume_position
+        ran = steps_per_epoch if length is None else min(length, steps_per_epoch)
+        return (epoch + 1, 0) if done >= ran else (epoch, done)
+
     def train_dataloader(self) -> DataLoader:
         """``train_steps_per_epoch`` batches of :class:`~gpcps_lightning.data.CompactTrainBatch` per rank.
 
@@ -383,8 +394,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             self.setup("fit")
         sampler = self.train_sampler(*self._world())
         if self._resume_position is not None:
-            epoch, step = self._resume_position
-            sampler.set_start_step(min(step, sampler.steps_per_epoch), epoch=epoch)
+            epoch, step = self._resume_next_position(sampler.steps_per_epoch)
+            # Set the epoch now: Lightning builds the resumed run's first iterator before it calls
+            # `set_epoch`, and worker processes draw their first indices as soon as it is built.
+            sampler.set_epoch(epoch)
+            sampler.set_start_step(step, epoch=epoch)
             self._resume_position = None
         return self._loader(
             self.train_dataset,
@@ -484,7 +498,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- resuming
     def state_dict(self) -> dict[str, Any]:
-        """Where the training stream stands (saved in checkpoints): epoch, and steps done in it."""
+        """Where the training stream stands (saved in checkpoints).
+
+        ``epoch`` and ``steps_done`` (steps of it done on each rank), and ``epoch_length``: the steps
+        Lightning runs in that epoch (``train_steps_per_epoch`` cut by ``Trainer(limit_train_batches)``),
+        which tells a finished epoch from one interrupted at the same step.
+        """
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -495,7 +514,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         epoch = max(loop.epoch_progress.current.ready - 1, 0)
         current = loop.epoch_loop.batch_progress.current
         done = getattr(current, "processed", current.completed)
-        return {"epoch": int(epoch), "steps_done": int(done), "seed": self.seed}
+        state = {"epoch": int(epoch), "steps_done": int(done), "seed": self.seed}
+        length = trainer.num_training_batches
+        if isinstance(length, int) or (isinstance(length, float) and math.isfinite(length)):
+            state["epoch_length"] = int(length)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream where a checkpoint left it (see :meth:`state_dict`).
@@ -510,7 +533,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
                 f"The checkpoint was trained with data seed {state_dict['seed']}, this datamodule has seed "
                 f"{self.seed}; resume with the same `seed` (or start a new run)."
             )
-        self._resume_position = (int(state_dict["epoch"]), int(state_dict["steps_done"]))
+        length = state_dict.get("epoch_length")
+        self._resume_position = (
+            int(state_dict["epoch"]),
+            int(state_dict["steps_done"]),
+            None if length is None else int(length),
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Turn the loaders' compact uint8 batches into the library's batch structures, on the device."""
