@@ -68,12 +68,16 @@ class DataSplit:
     """Which files a datamodule trains, validates and tests on.
 
     ``unlabeled`` holds image files only: their masks (where they exist) are never opened in training.
+    ``unlabeled_pairs`` lists the image/mask pairs among them (the training pairs of a folder that the
+    split leaves unlabeled; not the images of ``unlabeled_dir``): setup reads their headers, so that a
+    folder is checked in full whatever the split.
     """
 
     labeled: list[ImageMaskPair]
     unlabeled: list[Path]
     val: list[ImageMaskPair]
     test: list[ImageMaskPair] = field(default_factory=list)
+    unlabeled_pairs: list[ImageMaskPair] = field(default_factory=list)
 
 
 def read_split_file(path: str | Path, option: str = "split file") -> list[str]:
@@ -315,8 +319,10 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or all).
 
-        Every file of the stage's sets is checked (see ``check_files``); unlabeled images' masks are not
-        opened.
+        Every file of the stage's sets is checked (see ``check_files``). Fitting checks every pair of the
+        split, the test set's and the pairs it leaves unlabeled included, so that a bad pair is reported
+        before training whichever set the split puts it in; of an unlabeled pair's mask only the header
+        is read (training never opens it).
 
         Raises:
             FileNotFoundError, ValueError: On missing, unreadable or inconsistent files.
@@ -328,6 +334,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
                 self._checked["unlabeled"] = check_images(
                     split.unlabeled, self.check_files == "full", self._threads
                 )
+            if "unlabeled_pairs" not in self._checked:
+                self._checked["unlabeled_pairs"] = check_image_mask_pairs(
+                    split.unlabeled_pairs, threads=self._threads, unlabeled=True
+                )
+            if split.test:
+                self._check_pairs("test", split.test)
             labeled = ImageMaskDataset(
                 split.labeled, self.image_size, cache=self.cache, shared_cache=self._shared_cache
             )
@@ -673,7 +685,8 @@ def split_folder(
     else:
         labeled = _labeled_subset(train, labeled_fraction, split_seed, str(root))
     labeled_set = set(labeled)
-    unlabeled = [pairs[n].image for n in sorted(train) if n not in labeled_set]
+    unlabeled_pairs = [pairs[n] for n in sorted(train) if n not in labeled_set]
+    unlabeled = [pair.image for pair in unlabeled_pairs]
     if unlabeled_dir is not None:
         unlabeled += list(list_image_files(Path(unlabeled_dir), "unlabeled images").values())
     if not unlabeled and labeled_split is not None:
@@ -691,6 +704,7 @@ def split_folder(
         unlabeled=unlabeled,
         val=[pairs[n] for n in sorted(val)],
         test=[pairs[n] for n in sorted(test)],
+        unlabeled_pairs=unlabeled_pairs,
     )
 
 
