@@ -14,11 +14,14 @@ import pickle
 import random
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.loops.loop import _Loop
+from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gpcps_lightning._io import atomic_path
@@ -29,6 +32,7 @@ __all__ = [
     "atomic_write_bytes",
     "capture_rng_state",
     "read_checkpoint",
+    "restart_after_finished_epoch",
     "restore_rng_state",
 ]
 
@@ -88,6 +92,49 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def restart_after_finished_epoch(trainer: L.Trainer) -> bool:
+    """Start a new epoch when a run with ``max_steps`` resumes from a checkpoint of a finished epoch.
+
+    With ``Trainer(max_steps=...)``, Lightning (2.6) resumes every checkpoint as if its epoch were
+    unfinished, so that a run stopped by ``max_steps`` mid-epoch continues that epoch. A checkpoint
+    written once an epoch had run to its end (at the epoch's end, or the ``last.ckpt`` of a run stopped by
+    ``max_epochs``) is then resumed wrongly: the next epoch starts with the old epoch's batch count and
+    runs one batch, or none, so the resumed run takes fewer steps than an uninterrupted one (Lightning
+    issue 19617). Where the restored loop state shows such a finished epoch, this clears the restart flag
+    and resets the fit loop again, which is what Lightning does without ``max_steps``: the next epoch runs
+    in full. Call it after the checkpoint's loop state is restored and before the first epoch starts
+    (``on_train_start``).
+
+    Args:
+        trainer: The fitting Trainer.
+
+    Returns:
+        Whether the fit loop was reset.
+    """
+    loop = trainer.fit_loop
+    if not loop.restarting or trainer.max_steps == -1:
+        return False
+    # Both trackers are _ProcessedTracker at run time; the attributes are annotated with a base class.
+    epoch = cast(_ProcessedTracker, loop.epoch_progress.current)
+    batches = loop.epoch_loop.batch_progress
+    batch = cast(_ProcessedTracker, batches.current)
+    # The epoch loop ran to the epoch's last batch and returned (``processed``); the checkpoint may have
+    # been written in ``on_train_epoch_end``, before Lightning counted the epoch ``completed``.
+    epoch_ran_out = (
+        epoch.ready == epoch.started == epoch.processed
+        and epoch.completed in (epoch.processed, epoch.processed - 1)
+        and batches.is_last_batch
+        and batch.completed == batch.processed
+    )
+    if not epoch_ran_out:
+        return False
+    # FitLoop's own setter would force the flag back on under max_steps; the base setter clears it on the
+    # fit loop and its child loops, and reset() then takes the path of a resume without max_steps.
+    _Loop.restarting.fset(loop, False)  # type: ignore[attr-defined]
+    loop.reset()
+    return True
 
 
 def _describe_load_error(path: str, err: BaseException) -> str:

@@ -24,6 +24,7 @@ from gpcps_lightning.checkpointing import (
     CHECKPOINT_KEY,
     capture_rng_state,
     read_checkpoint,
+    restart_after_finished_epoch,
     restore_rng_state,
 )
 from gpcps_lightning.losses import (
@@ -342,6 +343,13 @@ class SegmentationModule(L.LightningModule):
         return self(_batch_images(batch))
 
     # ----------------------------------------------------------------- checkpoints
+    def on_train_start(self) -> None:
+        """Make a run with ``max_steps`` resumed from a finished epoch run the next epoch in full.
+
+        See :func:`gpcps_lightning.checkpointing.restart_after_finished_epoch` (a Lightning resume bug).
+        """
+        restart_after_finished_epoch(self.trainer)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Stamp the checkpoint with the library version, the module class and the random-number states.
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 
 def blob_mask(h: int, w: int, k: int) -> np.ndarray:
@@ -79,6 +79,22 @@ def record_opens(monkeypatch) -> Iterator[list[str]]:  # type: ignore[no-untyped
         m.setattr(builtins, "open", spy_open)
         m.setattr(Image, "open", spy_pil_open)
         yield opened
+
+
+@contextmanager
+def record_decodes(monkeypatch) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
+    """Record the path of every file whose pixels Pillow decodes (reading a header decodes nothing)."""
+    decoded: list[str] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy_load(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(self, "filename", None):
+            decoded.append(str(Path(self.filename).resolve()))
+        return real_load(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", spy_load)
+        yield decoded
 
 
 def write_kvasir_standin(root: Path) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_helpers import record_opens, write_kvasir_standin
+from test_data_helpers import record_decodes, record_opens, write_kvasir_standin
 
 from gpcps_lightning import KvasirSEGDataModule, SemiSupervisedBatch
 from gpcps_lightning.data import read_split_file
@@ -55,20 +55,26 @@ def test_kvasir_split_on_standin(standin: Path, fraction: float, n_labeled: int)
     assert dm.train_steps_per_epoch == 50  # ceil(800 / 16)
 
 
-def test_kvasir_batches_and_unlabeled_masks_never_opened(
+def test_kvasir_batches_and_unlabeled_masks_never_decoded(
     standin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dm = KvasirSEGDataModule(root=str(standin), verify=False, num_workers=0, image_size=8, steps_per_epoch=3)
-    with record_opens(monkeypatch) as opened:
-        dm.setup("fit")
-        loader = dm.train_dataloader()
-        batches = [dm.on_after_batch_transfer(b, 0) for b in loader]
+    with record_opens(monkeypatch) as at_setup, record_decodes(monkeypatch) as decoded:
+        dm.setup("fit")  # reads the headers of all 1000 pairs' files
+        with record_opens(monkeypatch) as in_training:
+            loader = dm.train_dataloader()
+            batches = [dm.on_after_batch_transfer(b, 0) for b in loader]
     assert len(batches) == 3 and all(isinstance(b, SemiSupervisedBatch) for b in batches)
     assert batches[0].labeled.shape == (16, 3, 8, 8) and batches[0].mask.shape == (16, 1, 8, 8)
     unlabeled_names = set(_shipped("train")) - set(_shipped("labeled_1-8"))
-    opened_masks = {Path(p).stem for p in opened if Path(p).parent.name == "masks"}
+
+    def masks(paths: list[str]) -> set[str]:
+        return {Path(p).stem for p in paths if Path(p).parent.name == "masks"}
+
     assert len(unlabeled_names) == 700
-    assert opened_masks and not opened_masks & unlabeled_names
+    assert unlabeled_names <= masks(at_setup)
+    assert masks(decoded) and not masks(decoded) & unlabeled_names
+    assert masks(in_training) and not masks(in_training) & unlabeled_names
     evaluation = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert evaluation.original_masks is not None and evaluation.original_masks[0].shape == (1, 10, 12)
 

@@ -1,8 +1,9 @@
 """Datamodules: batches (shapes, dtypes, ranges), augmentation alignment, evaluation, prediction, cache,
-unlabeled masks never opened, option errors, the synthetic dataset, and a Trainer run."""
+unlabeled masks never decoded, option errors, the synthetic dataset, and a Trainer run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY_NET
 from PIL import Image
-from test_data_helpers import record_opens, write_images, write_pairs
+from test_data_helpers import record_decodes, record_opens, write_images, write_pairs
 
 from gpcps_lightning import (
     EvaluationBatch,
@@ -203,22 +204,27 @@ def test_denormalize_inverts_normalize(folder: Path) -> None:
     assert dm.mean == (0.5, 0.4, 0.3) and dm.std == (0.2, 0.3, 0.4)
 
 
-# ----------------------------------------------------------------------------- unlabeled masks never opened
-def test_unlabeled_masks_never_opened(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# ----------------------------------------------------------------------------- unlabeled masks never decoded
+def test_unlabeled_masks_never_decoded(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setup reads the unlabeled pairs' mask headers (to check the sizes); nothing decodes those masks."""
     dm = _folder_dm(folder, labeled_fraction=0.25)
-    with record_opens(monkeypatch) as opened:
+    with record_opens(monkeypatch) as at_setup, record_decodes(monkeypatch) as decoded:
         dm.setup("fit")
-        loader = dm.train_dataloader()
-        for epoch in range(2):
-            loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            for compact in loader:
-                dm.on_after_batch_transfer(compact, 0)
+        with record_opens(monkeypatch) as in_training:
+            loader = dm.train_dataloader()
+            for epoch in range(2):
+                loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+                for compact in loader:
+                    dm.on_after_batch_transfer(compact, 0)
     unlabeled_masks = {str((folder / "masks" / f"{p.stem}.png").resolve()) for p in dm.split.unlabeled}
     labeled_masks = {str(p.mask.resolve()) for p in dm.split.labeled}
     unlabeled_images = {str(p.resolve()) for p in dm.split.unlabeled}
     assert len(unlabeled_masks) == 12
-    assert not unlabeled_masks & set(opened)
-    assert labeled_masks <= set(opened) and unlabeled_images <= set(opened)  # the spy does see opens
+    assert unlabeled_masks <= set(at_setup)  # their headers: the size check
+    assert not unlabeled_masks & set(decoded)
+    assert not unlabeled_masks & set(in_training)
+    # the spies do see opens and decodes
+    assert labeled_masks <= set(decoded) and unlabeled_images <= set(in_training) & set(decoded)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -274,6 +280,28 @@ def test_setup_reports_bad_files(folder: Path) -> None:
     dm = _folder_dm(data, labeled_fraction=1.0, unlabeled_dir=str(data / "images"))
     with pytest.raises(ValueError, match=r"img005\.jpg"):
         dm.setup("fit")
+
+
+def test_size_mismatch_among_the_unlabeled_pairs_is_found_at_setup(folder: Path, tmp_path: Path) -> None:
+    """Every pair of the folder is checked, also those the split leaves unlabeled (masks unused in training).
+
+    Otherwise the folder would be accepted with this split and refused with another `labeled_fraction`.
+    """
+    unlabeled = _folder_dm(folder).split.unlabeled[0]
+    bad = folder / "masks" / f"{unlabeled.stem}.png"
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(bad)
+    dm = _folder_dm(folder)
+    assert unlabeled in dm.split.unlabeled and all(p.name != unlabeled.stem for p in dm.split.labeled)
+    with pytest.raises(
+        ValueError, match=re.escape(str(bad)) + r" is 9x7\..*fix or remove the pair\..*unlabeled"
+    ):
+        dm.setup("fit")
+    # Unlabeled images without masks (`unlabeled_dir`) have no pair to check.
+    write_pairs(tmp_path / "good", 8)
+    extra = write_images(tmp_path / "extra", 3)
+    dm = _folder_dm(tmp_path / "good", unlabeled_dir=str(tmp_path / "extra"))
+    dm.setup("fit")
+    assert set(extra) <= set(dm.split.unlabeled)
 
 
 def test_truncated_file_with_header_check_fails_at_load(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ from conftest import TINY_NET
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gpcps_lightning import GPCPSModule, MeanTeacherModule, SegmentationModule, SyntheticPolypDataModule
+from gpcps_lightning.cli import GPCPSCLI
 
 STEPS_PER_EPOCH = 3
+TINY = str(Path(__file__).parent / "conf" / "tiny_gpcps.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +70,14 @@ def _run(
     return module, trainer
 
 
-def _assert_identical(a: SegmentationModule, b: SegmentationModule) -> None:
+def _differing_weights(a: SegmentationModule, b: SegmentationModule) -> list[str]:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def _assert_identical(a: SegmentationModule, b: SegmentationModule) -> None:
+    different = _differing_weights(a, b)
     assert not different, different[:5]
 
 
@@ -135,3 +141,98 @@ def test_resume_with_another_data_seed_is_refused() -> None:
     data.load_state_dict({})  # a checkpoint without data position (e.g. another datamodule's) is fine
     with pytest.raises(ValueError, match="trained with data seed 0, this datamodule has seed 1"):
         data.load_state_dict({"epoch": 0, "steps_done": 2, "seed": 0})
+
+
+# ----------------------------------------------------------------------------- through the command line
+def _cli_fit(root: Path, out: Path, limit: str, *args: str) -> GPCPSCLI:
+    """`gpcps fit` of the tiny GP-CPS on the module's synthetic images, 8 steps per epoch cut by `limit`.
+
+    Like the quickstart: `max_steps` set (which changes how Lightning resumes), a worker process (which
+    builds the first batches as soon as Lightning creates the loader's iterator) and augmentation on.
+    """
+    return GPCPSCLI(
+        args=[
+            "fit",
+            "--config",
+            TINY,
+            "--data",
+            "gpcps_lightning.SyntheticPolypDataModule",
+            "--data.root",
+            str(root),
+            "--data.num_images",
+            "20",
+            "--data.image_size",
+            "32",
+            "--data.batch_size",
+            "2",
+            "--data.labeled_fraction",
+            "0.25",
+            "--data.num_workers",
+            "1",
+            "--trainer.limit_train_batches",
+            limit,
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.max_steps",
+            "100",
+            "--trainer.deterministic",
+            "true",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(out),
+            *args,
+        ]
+    )
+
+
+@pytest.mark.filterwarnings(
+    "ignore:LightningCLI's args parameter is intended",
+    "ignore:.*callbacks used to create the checkpoint need to be provided.*",
+)
+@pytest.mark.parametrize(("limit", "epoch_steps"), [("3", 3), ("0.5", 4)])
+def test_cli_resume_with_limit_train_batches_is_bit_identical(
+    data_root: Path, tmp_path: Path, limit: str, epoch_steps: int
+) -> None:
+    """Epochs cut short by `--trainer.limit_train_batches` (int or fraction) resume exactly.
+
+    From the `last.ckpt` of a run stopped by `max_epochs` (epoch boundary), from a checkpoint written after
+    the last step of the cut epoch and from one written in the middle of the next epoch: the same global
+    step and bit-identical weights as the uninterrupted run.
+    """
+    every_step = tmp_path / "every_step"
+    full = _cli_fit(
+        data_root,
+        tmp_path / "full",
+        limit,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        str(every_step),
+        "--trainer.callbacks.filename",
+        "{step}",
+        "--trainer.callbacks.every_n_train_steps",
+        "1",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+    )
+    assert full.trainer.num_training_batches == epoch_steps
+    assert full.trainer.global_step == 2 * epoch_steps
+
+    part = _cli_fit(data_root, tmp_path / "part", limit, "--trainer.max_epochs", "1")
+    assert part.trainer.global_step == epoch_steps
+    starts = {
+        "epoch-boundary": tmp_path / "part" / "checkpoints" / "last.ckpt",
+        "after-last-step-of-cut-epoch": every_step / f"step={epoch_steps}.ckpt",
+        "mid-epoch": every_step / f"step={epoch_steps + 1}.ckpt",
+    }
+    wrong = {}
+    for where, ckpt in starts.items():
+        resumed = _cli_fit(
+            data_root, tmp_path / where, limit, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt)
+        )
+        step, different = resumed.trainer.global_step, _differing_weights(full.model, resumed.model)
+        if step != 2 * epoch_steps or different:
+            wrong[where] = f"global_step {step}, {len(different)} tensors differ"
+    assert not wrong, wrong

@@ -72,12 +72,16 @@ class DataSplit:
     """Which files a datamodule trains, validates and tests on.
 
     ``unlabeled`` holds image files only: their masks (where they exist) are never opened in training.
+    ``unlabeled_pairs`` lists the image/mask pairs among them (the training pairs of a folder that the
+    split leaves unlabeled; not the images of ``unlabeled_dir``): setup reads their headers, so that a
+    folder is checked in full whatever the split.
     """
 
     labeled: list[ImageMaskPair]
     unlabeled: list[Path]
     val: list[ImageMaskPair]
     test: list[ImageMaskPair] = field(default_factory=list)
+    unlabeled_pairs: list[ImageMaskPair] = field(default_factory=list)
 
 
 def read_split_file(path: str | Path, option: str = "split file") -> list[str]:
@@ -228,7 +232,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         self.augmentation: SegmentationAugmentation | None = self.build_augmentation() if augment else None
         self._split: DataSplit | None = None
         self._checked: dict[str, list[tuple[int, int]]] = {}
-        self._resume_position: tuple[int, int] | None = None
+        self._resume_position: tuple[int, int, int | None] | None = None
         self.train_dataset: SemiSupervisedTrainDataset | None = None
         self.val_dataset: ImageMaskDataset | None = None
         self.test_dataset: ImageMaskDataset | None = None
@@ -323,8 +327,10 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or all).
 
-        Every file of the stage's sets is checked (see ``check_files``); unlabeled images' masks are not
-        opened.
+        Every file of the stage's sets is checked (see ``check_files``). Fitting checks every pair of the
+        split, the test set's and the pairs it leaves unlabeled included, so that a bad pair is reported
+        before training whichever set the split puts it in; of an unlabeled pair's mask only the header
+        is read (training never opens it).
 
         Raises:
             FileNotFoundError, ValueError: On missing, unreadable or inconsistent files.
@@ -336,6 +342,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
                 self._checked["unlabeled"] = check_images(
                     split.unlabeled, self.check_files == "full", self._threads
                 )
+            if "unlabeled_pairs" not in self._checked:
+                self._checked["unlabeled_pairs"] = check_image_mask_pairs(
+                    split.unlabeled_pairs, threads=self._threads, unlabeled=True
+                )
+            if split.test:
+                self._check_pairs("test", split.test)
             labeled = ImageMaskDataset(
                 split.labeled, self.image_size, cache=self.cache, shared_cache=self._shared_cache
             )
@@ -381,6 +393,17 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             rank=rank,
         )
 
+    def _resume_next_position(self, steps_per_epoch: int) -> tuple[int, int]:
+        """``(epoch, step)`` where the resumed stream starts: the saved epoch's next step or the next epoch.
+
+        An epoch is finished when its steps done reach the length Lightning ran it with (saved as
+        ``epoch_length``; checkpoints without it: the sampler's full epoch).
+        """
+        assert self._resume_position is not None
+        epoch, done, length = self._resume_position
+        ran = steps_per_epoch if length is None else min(length, steps_per_epoch)
+        return (epoch + 1, 0) if done >= ran else (epoch, done)
+
     def train_dataloader(self) -> DataLoader:
         """``train_steps_per_epoch`` batches of :class:`~gpcps_lightning.data.CompactTrainBatch` per rank.
 
@@ -391,8 +414,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             self.setup("fit")
         sampler = self.train_sampler(*self._world())
         if self._resume_position is not None:
-            epoch, step = self._resume_position
-            sampler.set_start_step(min(step, sampler.steps_per_epoch), epoch=epoch)
+            epoch, step = self._resume_next_position(sampler.steps_per_epoch)
+            # Set the epoch now: Lightning builds the resumed run's first iterator before it calls
+            # `set_epoch`, and worker processes draw their first indices as soon as it is built.
+            sampler.set_epoch(epoch)
+            sampler.set_start_step(step, epoch=epoch)
             self._resume_position = None
         return self._loader(
             self.train_dataset,
@@ -507,7 +533,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- resuming
     def state_dict(self) -> dict[str, Any]:
-        """Where the training stream stands (saved in checkpoints): epoch, and steps done in it."""
+        """Where the training stream stands (saved in checkpoints).
+
+        ``epoch`` and ``steps_done`` (steps of it done on each rank), and ``epoch_length``: the steps
+        Lightning runs in that epoch (``train_steps_per_epoch`` cut by ``Trainer(limit_train_batches)``),
+        which tells a finished epoch from one interrupted at the same step.
+        """
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -518,7 +549,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         epoch = max(loop.epoch_progress.current.ready - 1, 0)
         current = loop.epoch_loop.batch_progress.current
         done = getattr(current, "processed", current.completed)
-        return {"epoch": int(epoch), "steps_done": int(done), "seed": self.seed}
+        state = {"epoch": int(epoch), "steps_done": int(done), "seed": self.seed}
+        length = trainer.num_training_batches
+        if isinstance(length, int) or (isinstance(length, float) and math.isfinite(length)):
+            state["epoch_length"] = int(length)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream where a checkpoint left it (see :meth:`state_dict`).
@@ -533,7 +568,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
                 f"The checkpoint was trained with data seed {state_dict['seed']}, this datamodule has seed "
                 f"{self.seed}; resume with the same `seed` (or start a new run)."
             )
-        self._resume_position = (int(state_dict["epoch"]), int(state_dict["steps_done"]))
+        length = state_dict.get("epoch_length")
+        self._resume_position = (
+            int(state_dict["epoch"]),
+            int(state_dict["steps_done"]),
+            None if length is None else int(length),
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Turn the loaders' compact uint8 batches into the library's batch structures, on the device."""
@@ -668,7 +708,8 @@ def split_folder(
     else:
         labeled = _labeled_subset(train, labeled_fraction, split_seed, str(root))
     labeled_set = set(labeled)
-    unlabeled = [pairs[n].image for n in sorted(train) if n not in labeled_set]
+    unlabeled_pairs = [pairs[n] for n in sorted(train) if n not in labeled_set]
+    unlabeled = [pair.image for pair in unlabeled_pairs]
     if unlabeled_dir is not None:
         unlabeled += list(list_image_files(Path(unlabeled_dir), "unlabeled images").values())
     if not unlabeled and labeled_split is not None:
@@ -686,6 +727,7 @@ def split_folder(
         unlabeled=unlabeled,
         val=[pairs[n] for n in sorted(val)],
         test=[pairs[n] for n in sorted(test)],
+        unlabeled_pairs=unlabeled_pairs,
     )
 
 

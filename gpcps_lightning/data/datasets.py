@@ -105,7 +105,7 @@ def _map(fn: Any, items: Sequence[Any], threads: int) -> list[Any]:
 
 
 def check_image_mask_pairs(
-    pairs: Sequence[ImageMaskPair], full: bool = False, threads: int = 1
+    pairs: Sequence[ImageMaskPair], full: bool = False, threads: int = 1, *, unlabeled: bool = False
 ) -> list[tuple[int, int]]:
     """Check that every pair is readable and that image and mask have the same size.
 
@@ -114,6 +114,9 @@ def check_image_mask_pairs(
         full: Decode every file completely (finds truncated files and non-binary masks up front); by
             default only the headers are read, which finds unreadable files and size mismatches.
         threads: Threads to read with.
+        unlabeled: The pairs are training images that the split leaves unlabeled: training never reads
+            their masks, so only the headers are read (also with ``full``), and a size mismatch says why
+            an unused mask matters.
 
     Returns:
         The (height, width) of each pair, in order.
@@ -122,9 +125,15 @@ def check_image_mask_pairs(
         ValueError: On an unreadable or truncated file (named) or an image and mask of different sizes
             (both named).
     """
+    why = (
+        " The split leaves this pair unlabeled, so training would not read the mask, but another split or "
+        "`labeled_fraction` would: every pair of the folder must be valid."
+        if unlabeled
+        else ""
+    )
 
     def one(pair: ImageMaskPair) -> tuple[int, int]:
-        if full:
+        if full and not unlabeled:
             hw_image = read_image(pair.image).shape[:2]
             hw_mask = read_mask(pair.mask).shape[:2]
         else:
@@ -133,7 +142,7 @@ def check_image_mask_pairs(
         if tuple(hw_image) != tuple(hw_mask):
             raise ValueError(
                 f"Image {pair.image} is {hw_image[1]}x{hw_image[0]} (WxH) but its mask {pair.mask} is "
-                f"{hw_mask[1]}x{hw_mask[0]}. A mask must have its image's size; fix or remove the pair."
+                f"{hw_mask[1]}x{hw_mask[0]}. A mask must have its image's size; fix or remove the pair.{why}"
             )
         return int(hw_image[0]), int(hw_image[1])
 
