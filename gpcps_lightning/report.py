@@ -7,7 +7,9 @@ Used by ``gpcps reproduce table`` and ``gpcps reproduce doc`` (:mod:`gpcps_light
   over seeds, the number of seeds and each seed's value.
 - The paper's rows (its Tables 1 and 2, as published) are printed beside them and labelled as the paper's.
 - Two measured rows of the same protocol (equal settings outside the model) that share seeds get
-  seed-paired differences with a 95% Student t interval over the shared seeds.
+  seed-paired differences with a 95% Student t interval over the shared seeds and, where the records keep
+  per-image test scores, a 95% bootstrap interval over the test images.
+- Runs scored on external folders (``gpcps reproduce run --external``) get a table of those scores.
 """
 
 from __future__ import annotations
@@ -128,6 +130,42 @@ def _dice(record: Mapping[str, Any], head: str | None = None) -> float:
 
 
 # ----------------------------------------------------------------------------- statistics
+#: Resamples and seed of the bootstrap intervals over test images (fixed: tables must regenerate exactly).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _image_scores(record: Mapping[str, Any], head: str | None = None) -> dict[str, float] | None:
+    """Per-image test Dice (%) of a head by image name (images without a score left out), if recorded."""
+    rows = (record.get("test_images") or {}).get(head or record["selection_head"])
+    if rows is None:
+        return None
+    return {name: 100.0 * float(dice) for name, dice, _ in rows if dice is not None}
+
+
+def _paired_image_bootstrap(
+    early: Sequence[Mapping[str, Any]], late: Sequence[Mapping[str, Any]]
+) -> tuple[float, float] | None:
+    """95% percentile bootstrap over test images of the seed-averaged paired difference ``late - early``.
+
+    For each image scored in every run of both rows, the difference of its Dice averaged over the shared
+    seeds; the images are resampled with replacement. ``None`` when a record holds no per-image scores.
+    """
+    import numpy as np
+
+    scores = [(_image_scores(a), _image_scores(b)) for a, b in zip(early, late, strict=True)]
+    if any(a is None or b is None for a, b in scores):
+        return None
+    names = sorted(set.intersection(*(set(a) & set(b) for a, b in scores)))  # type: ignore[arg-type]
+    if len(names) < 2:
+        return None
+    diffs = np.array([[b[n] - a[n] for n in names] for a, b in scores]).mean(axis=0)  # type: ignore[index]
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = diffs[rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def _central_t_probability(t: float, df: int) -> float:
     """P(|T| <= t) for Student's t with ``df`` degrees of freedom (Abramowitz & Stegun 26.7.3-4)."""
     theta = math.atan(t / math.sqrt(df))
@@ -284,6 +322,7 @@ def make_tables(records: Sequence[dict[str, Any]]) -> str:
         return "\n".join(lines) + "\n"
     lines += _paired_differences(rows, fractions)
     lines += _settings_table(rows)
+    lines += _external_table(rows, fractions)
     lines += _heads_table(rows, fractions)
     lines += _runs_table(rows)
     lines += _code_table(records)
@@ -297,10 +336,13 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
         "",
         "Between measured rows of the same protocol (equal settings outside the model) that share seeds: "
         "the later row minus the earlier one, seed by seed, with the mean and a 95% Student t interval "
-        "over the shared seeds (none with one seed).",
+        "over the shared seeds (training noise; none with one seed), and a 95% percentile bootstrap "
+        f"interval over the test images ({BOOTSTRAP_RESAMPLES} resamples of the per-image difference "
+        "averaged over the shared seeds: the test set's sampling noise).",
         "",
-        "| fraction | difference | shared seeds | per seed | mean | 95% t interval |",
-        "|---|---|---|---|---|---|",
+        "| fraction | difference | shared seeds | per seed | mean | 95% t interval "
+        "| 95% bootstrap over images |",
+        "|---|---|---|---|---|---|---|",
     ]
     found = False
     for f in fractions:
@@ -320,12 +362,15 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
                 per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
                 name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
                 seeds = ", ".join(str(s) for s in shared)
+                boot = _paired_image_bootstrap([early[s] for s in shared], [late[s] for s in shared])
+                images = "–" if boot is None else f"[{boot[0]:+.2f}, {boot[1]:+.2f}]"
                 lines.append(
-                    f"| {_fraction_name(f)} | {name} | {seeds} | {per_seed} | {mean:+.2f} | {interval} |"
+                    f"| {_fraction_name(f)} | {name} | {seeds} | {per_seed} | {mean:+.2f} | {interval} "
+                    f"| {images} |"
                 )
                 found = True
     if not found:
-        lines.append("| – | no two rows of one protocol share a seed | | | | |")
+        lines.append("| – | no two rows of one protocol share a seed | | | | | |")
     return lines
 
 
@@ -370,6 +415,48 @@ def _settings_table(rows: Sequence[_Row]) -> list[str]:
             "An id `a/b` marks runs whose labeled split file differs from that of other runs with settings "
             "`a` at the same fraction (`b`: start of the hash with the labeled split included).",
         ]
+    return lines
+
+
+def _external_table(rows: Sequence[_Row], fractions: Sequence[float]) -> list[str]:
+    """Kvasir-SEG test Dice next to every external folder the runs were scored on (selected head)."""
+    folders = sorted({name for row in rows for r in row.records for name in r.get("external", {})})
+    if not folders:
+        return []
+    lines = [
+        "",
+        "#### External folders (selected head, Dice %, mean ± sd over seeds)",
+        "",
+        "Each run's selected checkpoint (chosen on Kvasir-SEG val) scored once on folders it never saw.",
+        "",
+        "| Method | settings | fraction | test | " + " | ".join(f"`{f}`" for f in folders) + " |",
+        "|---|---|---|---|" + "---|" * len(folders),
+    ]
+
+    def cell(values: Sequence[float]) -> str:
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return f"{values[0]:.2f}, n=1"
+        return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}, n={len(values)}"
+
+    for row in rows:
+        for f in fractions:
+            group = row.at(f)
+            if not group or not any(r.get("external") for r in group):
+                continue
+            cells = [cell([_dice(r) for r in group])]
+            for folder in folders:
+                values = []
+                for r in group:
+                    entry = r.get("external", {}).get(folder, {})
+                    value = entry.get(f"dice_{r['selection_head']}")
+                    if value is not None:
+                        values.append(100.0 * float(value))
+                cells.append(cell(values))
+            lines.append(
+                f"| {row.label} | `{row.settings}` | {_fraction_name(f)} | " + " | ".join(cells) + " |"
+            )
     return lines
 
 

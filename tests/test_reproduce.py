@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -572,3 +573,101 @@ def test_bad_run_arguments_are_rejected(tmp_path: Path) -> None:
         main(["run", "--fractions", "1.5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["run", "--methods", "nope", "--out", str(tmp_path)])
+
+
+# ============================================================================ per-image and external scores
+def test_records_keep_per_image_test_scores_that_average_to_the_test_metric(tiny: dict[str, Any]) -> None:
+    for r in load_records(tiny["out"]):
+        assert set(r["test_images"]) == {k.removeprefix("dice_") for k in r["test"] if k.startswith("dice_")}
+        for head, rows in r["test_images"].items():
+            assert len(rows) == r["resolved"]["images"]["test"]
+            dice = [row[1] for row in rows if row[1] is not None]
+            iou = [row[2] for row in rows if row[2] is not None]
+            assert math.isclose(sum(dice) / len(dice), r["test"][f"dice_{head}"], abs_tol=1e-6)
+            assert math.isclose(sum(iou) / len(iou), r["test"][f"iou_{head}"], abs_tol=1e-6)
+
+
+def test_external_folders_are_scored_once_on_the_selected_checkpoint(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    from gpcps_lightning.evaluate import evaluate_checkpoints
+
+    out = _copy(tiny, tmp_path)
+    external = tmp_path / "other_hospital"
+    shutil.copytree(tiny["data"], external)  # images/ + masks/ of the generated set
+    # finished records without the folder get it from their saved best checkpoint
+    assert main(_run_args(out, tiny["data"], tiny["config"], "--external", str(external))) == 0
+    records = {r["method"]: r for r in load_records(out)}
+    for method, r in records.items():
+        entry = r["external"]["other_hospital"]
+        best = out / "runs" / method / "1of4" / "seed0" / "checkpoints" / "best.ckpt"
+        report = evaluate_checkpoints([best], [external], head="all")
+        for result in report.results:
+            assert entry[f"dice_{result.head}"] == pytest.approx(result.mean_dice, abs=1e-6)
+            assert [row[1] for row in entry["images"][result.head]] == pytest.approx(
+                [s.dice for s in result.images], abs=1e-6
+            )
+        assert not any(str(tmp_path) in s for s in _walk(entry) if isinstance(s, str))
+    before = {p.name: p.read_bytes() for p in (out / "records").iterdir()}
+    assert main(_run_args(out, tiny["data"], tiny["config"], "--external", str(external))) == 0
+    assert {p.name: p.read_bytes() for p in (out / "records").iterdir()} == before  # scored once
+
+
+def test_network_kwargs_reach_the_module_and_its_settings(tmp_path: Path) -> None:
+    from gpcps_lightning.provenance import load_method_config, resolved_init_args
+    from gpcps_lightning.reproduce import _make_module
+
+    kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    args = argparse.Namespace(
+        arch=None, encoder="tu-resnet18", lr=None, encoder_weights=None, network_kwargs=kwargs
+    )
+    module = _make_module(load_method_config("gpcps_row_I"), args, seed=0)
+    assert module.hparams["network_kwargs"] == kwargs
+    assert module.lambda_grad == 0.0 and module.lambda_semi == 0.0
+    assert tuple(module.hparams["seeds"]) == (1, 2)
+    assert resolved_init_args(module)["network_kwargs"] == kwargs
+
+
+def _with_images(record: dict, dice: dict[str, float | None]) -> dict:
+    head = record["selection_head"]
+    record["test_images"] = {head: [[n, d, d] for n, d in dice.items()]}
+    return record
+
+
+def test_paired_differences_carry_a_bootstrap_interval_over_test_images(tmp_path: Path) -> None:
+    names = [f"img{i}" for i in range(6)]
+    sup = [0.40, 0.50, 0.60, 0.70, 0.55, 0.45]
+    records = []
+    for seed in (0, 1):
+        base = {n: v + 0.01 * seed for n, v in zip(names, sup, strict=True)}
+        records.append(_with_images(_record("supervised", 0.125, seed, 0.5, head="ensemble"), base))
+        # every image exactly 5 points better; img5 scored None (both empty) for GP-CPS: left out
+        better: dict[str, float | None] = {n: v + 0.05 for n, v in base.items()}
+        better["img5"] = None
+        records.append(_with_images(_record("gpcps", 0.125, seed, 0.55), better))
+    text = make_tables(load_records(_write(tmp_path, records)))
+    row = _row(text, "| 1/8 | GP-CPS")
+    assert row.endswith("| [+5.00, +5.00] |"), row
+    # unequal differences: the interval brackets their mean and regenerates identically
+    varied = [dict(r) for r in records]
+    for r in varied:
+        if r["method"] == "gpcps":
+            rows = [[n, v + 0.1 * i, v] for i, (n, v) in enumerate(zip(names, sup, strict=True))]
+            r["test_images"] = {"ensemble": rows}
+    text = make_tables(load_records(_write(tmp_path / "varied", varied)))
+    found = re.findall(r"\[([+-][\d.]+), ([+-][\d.]+)\] \|$", _row(text, "| 1/8 | GP"))
+    low, high = float(found[0][0]), float(found[0][1])
+    assert low < high
+    assert text == make_tables(load_records(tmp_path / "varied"))
+
+
+def test_external_folders_get_their_own_table(tmp_path: Path) -> None:
+    records = [_record("gpcps", 0.125, s, 0.6 + 0.1 * s) for s in (0, 1)]
+    for r, value in zip(records, (0.40, 0.50), strict=True):
+        r["external"] = {"cvc_clinicdb": {"folder": "cvc_clinicdb", "dice_ensemble": value}}
+    text = make_tables(load_records(_write(tmp_path, records)))
+    assert "#### External folders" in text
+    row = _row(text, "| GP-CPS | `")
+    assert "65.00 ± 7.07, n=2" in row and "45.00 ± 7.07, n=2" in row
+    plain = _write(tmp_path / "none", [_record("gpcps", 0.125, 0, 0.6)])
+    assert "#### External folders" not in make_tables(load_records(plain))
