@@ -142,7 +142,7 @@ class MethodConfig:
 
 def shipped_method_dir() -> Traversable:
     """The package folder of the shipped method configs (``gpcps_lightning/configs/methods``)."""
-    return resources.files("gpcps_lightning").joinpath("configs", "methods")
+    return resources.files("gpcps_lightning").joinpath("configs").joinpath("methods")
 
 
 def shipped_method_names() -> list[str]:

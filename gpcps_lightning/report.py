@@ -513,7 +513,8 @@ def _code_table(records: Sequence[dict[str, Any]]) -> list[str]:
     counts: Counter[tuple[str, ...]] = Counter()
     for r in records:
         versions = r.get("versions", {})
-        counts[(r.get("code", {}).get("commit", "–"), *(versions.get(n, "–") for n in names))] += 1
+        key = (r.get("code", {}).get("commit", "–"), *(versions.get(n, "–") for n in names))
+        counts[key] += 1
     lines = [
         "",
         "#### Code and versions",

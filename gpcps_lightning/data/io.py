@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -61,12 +62,12 @@ def _decode_tifffile(path: Path, palette_indices: bool) -> np.ndarray | None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        photometric = int(page.photometric)  # type: ignore[union-attr]
+        page: Any = tif.pages[0]
+        photometric = int(page.photometric)
         # MINISBLACK (1) and RGB (2) are plain arrays; PALETTE (3) only when the indices are wanted.
         if photometric in (1, 2) or (photometric == 3 and palette_indices):
             a = np.asarray(page.asarray())
-            if int(page.planarconfig) == 2 and a.ndim == 3:  # type: ignore[union-attr]
+            if int(page.planarconfig) == 2 and a.ndim == 3:
                 a = np.moveaxis(a, 0, -1)  # separate planes (C, H, W) -> (H, W, C)
             return a
     return None
@@ -122,8 +123,8 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
                 import tifffile
 
                 with tifffile.TiffFile(path) as tif:
-                    page = tif.pages[0]
-                    return int(page.imagelength), int(page.imagewidth)  # type: ignore[union-attr]
+                    first: Any = tif.pages[0]
+                    return int(first.imagelength), int(first.imagewidth)
             except Exception as tiff_err:
                 raise _decode_error(path, tiff_err) from tiff_err
         raise _decode_error(path, err) from err

@@ -73,7 +73,8 @@ _ARCHIVE_FOLDER = "Kvasir-SEG"
 
 def kvasir_seg_resource(name: str) -> Path:
     """Path of a shipped Kvasir-SEG resource file (``train.txt``, ``SHA256SUMS``, ...)."""
-    path = Path(str(resources.files("gpcps_lightning.data").joinpath("resources", "kvasir_seg", name)))
+    folder = resources.files("gpcps_lightning.data").joinpath("resources").joinpath("kvasir_seg")
+    path = Path(str(folder.joinpath(name)))
     if not path.is_file():
         raise FileNotFoundError(f"The packaged Kvasir-SEG file {path} is missing; reinstall gpcps_lightning.")
     return path
