@@ -671,3 +671,16 @@ def test_external_folders_get_their_own_table(tmp_path: Path) -> None:
     assert "65.00 ± 7.07, n=2" in row and "45.00 ± 7.07, n=2" in row
     plain = _write(tmp_path / "none", [_record("gpcps", 0.125, 0, 0.6)])
     assert "#### External folders" not in make_tables(load_records(plain))
+
+
+def test_external_folder_rejections(tiny: dict[str, Any], tmp_path: Path) -> None:
+    out = _copy(tiny, tmp_path)
+    first, second = tmp_path / "a" / "cvc", tmp_path / "b" / "cvc"
+    for folder in (first, second):
+        shutil.copytree(tiny["data"], folder)
+    with pytest.raises(ValueError, match=r"recorded by their folder name, and \['cvc'\] occur twice"):
+        main(_run_args(out, tiny["data"], tiny["config"], "--external", str(first), str(second)))
+    for best in out.glob("runs/*/*/*/checkpoints/best.ckpt"):
+        best.unlink()
+    with pytest.raises(ValueError, match=r"holds no scores for --external .*selected checkpoint .* is gone"):
+        main(_run_args(out, tiny["data"], tiny["config"], "--external", str(first)))
