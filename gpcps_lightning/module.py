@@ -462,6 +462,10 @@ class GPCPSModule(SegmentationModule):
         background_threshold: Threshold on the networks' mean probability in the paper's background set.
         gp_every_n_steps: Compute ``L_grad`` every k steps with weight ``k * lambda_grad`` (lazy
             regularisation, as StyleGAN2's R1); 1 is the paper's method.
+        penalty_share_every_n_steps: Every n penalty steps, log the weighted penalty's share of the total
+            loss (``train/penalty_share_loss``) and of the parameter-gradient norm
+            (``train/penalty_share_grad_norm``: ``||d(w L_grad)/dtheta|| / ||d(total)/dtheta||``). It costs
+            two extra backward passes on those steps and changes nothing else; 0 (default) turns it off.
         **kwargs: Network, optimizer and evaluation arguments of :class:`SegmentationModule`.
     """
 
@@ -478,6 +482,7 @@ class GPCPSModule(SegmentationModule):
         background: Literal["paper", "authors"] = "paper",
         background_threshold: float = 0.5,
         gp_every_n_steps: int = 1,
+        penalty_share_every_n_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -497,6 +502,10 @@ class GPCPSModule(SegmentationModule):
             raise ValueError(f"`background_threshold` must be in (0, 1), got {background_threshold}.")
         if gp_every_n_steps < 1:
             raise ValueError(f"`gp_every_n_steps` must be >= 1, got {gp_every_n_steps}.")
+        if penalty_share_every_n_steps < 0:
+            raise ValueError(
+                f"`penalty_share_every_n_steps` must be >= 0 (0: off), got {penalty_share_every_n_steps}."
+            )
         self.save_hyperparameters()
         self.lambda_grad = float(lambda_grad)
         self.lambda_semi = float(lambda_semi)
@@ -505,6 +514,10 @@ class GPCPSModule(SegmentationModule):
         self.background_variant = background
         self.background_threshold = background_threshold
         self.gp_every_n_steps = gp_every_n_steps
+        self.penalty_share_every_n_steps = penalty_share_every_n_steps
+        #: ``(step, loss share, gradient-norm share)`` of every measured step of this process (not saved in
+        #: checkpoints), for summaries such as the reproduction runner's.
+        self.penalty_share_history: list[tuple[int, float, float]] = []
         self.net1 = self.make_network(seeds[0])
         self.net2 = self.make_network(seeds[1])
 
@@ -600,12 +613,39 @@ class GPCPSModule(SegmentationModule):
             total = total + (self.lambda_grad * self.gp_every_n_steps) * grad_term
         return GPCPSLosses(total=total, sup=sup, grad=grad_term, semi=semi_term, nonfinite_flag=flag)
 
+    def _penalty_share_due(self, step: int) -> bool:
+        n = self.penalty_share_every_n_steps
+        return n > 0 and (step // self.gp_every_n_steps) % n == 0
+
+    def _log_penalty_share(self, losses: GPCPSLosses, batch_size: int) -> None:
+        """Log the weighted penalty's share of the total loss and of the parameter-gradient norm."""
+        weighted = (self.lambda_grad * self.gp_every_n_steps) * losses.grad
+        params = [p for net in self.trained_networks() for p in net.parameters() if p.requires_grad]
+
+        scaler = self.active_grad_scaler()
+        # Under fp16 both backward passes are scaled alike (no underflow in the labeled path); the ratio
+        # does not depend on the scale.
+        scale = scaler.get_scale() if scaler is not None else 1.0
+
+        def norm(value: Tensor) -> Tensor:
+            grads = torch.autograd.grad(value * scale, params, retain_graph=True, allow_unused=True)
+            return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads if g is not None]))
+
+        with torch.no_grad():
+            loss_share = weighted.detach() / losses.total.detach()
+        grad_share = norm(weighted) / norm(losses.total)
+        for name, value in (("penalty_share_loss", loss_share), ("penalty_share_grad_norm", grad_share)):
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        self.penalty_share_history.append((self.global_step, float(loss_share), float(grad_share)))
+
     def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:  # noqa: D102
         step = self.global_step
         losses = self.compute_losses(batch, step)
         logged = {"loss": losses.total, "loss_sup": losses.sup, "loss_semi": losses.semi}
         if self.penalty_due(step):
             logged["loss_grad"] = losses.grad
+            if self._penalty_share_due(step):
+                self._log_penalty_share(losses, batch.batch_size)
         try:
             self.optimization_step(logged, losses.nonfinite_flag)
         except RuntimeError as err:

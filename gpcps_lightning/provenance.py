@@ -90,6 +90,7 @@ NOT_COMPARED: dict[str, str] = {
     "data.cache": "keeping decoded images in memory: the same pixels",
     "data.predict_dir": "prediction only",
     "trainer.accelerator": "the hardware (recorded as `machine`); numerics differ by rounding only",
+    "model.penalty_share_every_n_steps": "a logged diagnostic (extra backward passes that change nothing)",
 }
 
 #: Compared for reuse, but left out of the settings id: they differ between the seeds of one row.

@@ -143,6 +143,9 @@ def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> A
             kwargs[name] = getattr(args, option)
     if getattr(args, "network_kwargs", None) is not None:
         kwargs["network_kwargs"] = dict(args.network_kwargs)
+    share_every = getattr(args, "penalty_share_every", None)
+    if share_every is not None and "penalty_share_every_n_steps" in inspect.signature(cls).parameters:
+        kwargs["penalty_share_every_n_steps"] = share_every
     weights = getattr(args, "encoder_weights", None)
     if weights is not None:
         kwargs["encoder_weights"] = None if weights.lower() == "none" else weights
@@ -402,12 +405,33 @@ def run_one(
     }
     if external:
         record["external"] = external
+    history = getattr(module, "penalty_share_history", None)
+    if history:
+        record["diagnostics"] = {"penalty_share": _share_summary(history, resumed)}
     if resumed:
         record["code_at_start"] = started.get("code")
         record["versions_at_start"] = started.get("versions")
     with atomic_path(run.target) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _share_summary(history: Sequence[tuple[int, float, float]], resumed: bool) -> dict[str, Any]:
+    """Median, mean, min and max of the penalty's measured loss and gradient-norm shares."""
+
+    def stats(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return {"median": median, "mean": sum(values) / len(values), "min": ordered[0], "max": ordered[-1]}
+
+    return {
+        "steps": [step for step, _, _ in history],
+        "loss": stats([loss for _, loss, _ in history]),
+        "grad_norm": stats([grad for _, _, grad in history]),
+        # a resumed run measured only the steps after the interruption
+        "complete": not resumed,
+    }
 
 
 def _external_folders(args: argparse.Namespace) -> list[str]:
@@ -543,6 +567,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="further smp.create_model arguments as JSON, e.g. "
         '\'{"encoder_depth": 3, "decoder_channels": [32, 16, 8]}\'; None: the method config\'s',
+    )
+    add(
+        "--penalty-share-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GP-CPS: measure the penalty's share of the loss and of the parameter-gradient norm every N "
+        "penalty steps (two extra backward passes there; training unchanged); summarised in the record",
     )
     add(
         "--external",

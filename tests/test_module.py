@@ -343,3 +343,42 @@ def test_evaluation_resizes_probabilities_bilinearly() -> None:
         EvaluationBatch(image=torch.zeros(1, 3, 1, 2), mask=torch.zeros(1, 1, 1, 2), original_masks=[mask]),
     )
     assert values["val/dice_net1"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- penalty share diagnostic
+def test_penalty_share_is_the_loss_and_gradient_norm_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    L.seed_everything(0, verbose=False)
+    module = GPCPSModule(**TINY_NET, lambda_grad=0.5, penalty_share_every_n_steps=1)
+    batch = random_semi_batch(n=2, size=32)
+    eps = torch.full((2, 1, 1, 1), 0.3)
+    batch = SemiSupervisedBatch(
+        labeled=batch.labeled, mask=batch.mask, unlabeled=batch.unlabeled,
+        fused=fuse_images(batch.labeled, batch.unlabeled, eps), eps=eps,
+    )  # fmt: skip
+    logged: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    losses = module.compute_losses(batch)
+    module._log_penalty_share(losses, batch_size=2)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def norm(value: torch.Tensor) -> float:
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
+
+    weighted = 0.5 * losses.grad
+    assert logged["train/penalty_share_loss"].item() == pytest.approx((weighted / losses.total).item())
+    expected = norm(weighted) / norm(losses.total)
+    assert 0.0 < expected < 10.0
+    assert logged["train/penalty_share_grad_norm"].item() == pytest.approx(expected, rel=1e-4)
+    assert module.penalty_share_history[-1][1:] == pytest.approx(
+        (logged["train/penalty_share_loss"].item(), expected), rel=1e-4
+    )
+
+
+def test_penalty_share_changes_nothing_in_training() -> None:
+    plain = _fit(steps=3)
+    measured = _fit(steps=3, penalty_share_every_n_steps=2)
+    assert torch.equal(_params(plain), _params(measured))
+    assert [step for step, _, _ in measured.penalty_share_history] == [0, 2]
+    with pytest.raises(ValueError, match="penalty_share_every_n_steps"):
+        GPCPSModule(**TINY_NET, penalty_share_every_n_steps=-1)

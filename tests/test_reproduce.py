@@ -684,3 +684,22 @@ def test_external_folder_rejections(tiny: dict[str, Any], tmp_path: Path) -> Non
         best.unlink()
     with pytest.raises(ValueError, match=r"holds no scores for --external .*selected checkpoint .* is gone"):
         main(_run_args(out, tiny["data"], tiny["config"], "--external", str(first)))
+
+
+def test_penalty_share_is_summarised_in_the_record_and_not_a_setting(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = _run_args(out, tiny["data"], tiny["config"], "--penalty-share-every", "1")
+    assert main(args) == 0
+    records = {r["method"]: r for r in load_records(out)}
+    assert "diagnostics" not in records["supervised"]  # no such option: nothing measured
+    share = records["authors_tiny"]["diagnostics"]["penalty_share"]
+    assert share["steps"] == [0, 1] and share["complete"] is True
+    for kind in ("loss", "grad_norm"):
+        assert share[kind]["min"] <= share[kind]["median"] <= share[kind]["max"]
+        assert share[kind]["min"] > 0
+    assert "model.penalty_share_every_n_steps" not in records["authors_tiny"]["settings"]
+    # the same settings as the fixture's runs (the diagnostic is not compared): its records are reused
+    reused = _copy(tiny, tmp_path / "reuse")
+    assert main(_run_args(reused, tiny["data"], tiny["config"], "--penalty-share-every", "1")) == 0
