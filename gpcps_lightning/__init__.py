@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
-
+from gpcps_lightning._version import __version__
 from gpcps_lightning.baselines import CPSModule, MeanTeacherModule, SupervisedModule
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule

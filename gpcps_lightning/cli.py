@@ -35,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from gpcps_lightning import __version__
+from gpcps_lightning._version import __version__
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, PredictionWriter, ValidationImagePanel
 from gpcps_lightning.checkpointing import SafeCheckpointIO, read_checkpoint
 from gpcps_lightning.loggers import resolve_wandb_mode

@@ -44,8 +44,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
-from gpcps_lightning import __version__
 from gpcps_lightning._io import atomic_path
+from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch
 from gpcps_lightning.checkpointing import read_checkpoint
 from gpcps_lightning.data.datasets import (

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
+from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.checkpointing import (
     CHECKPOINT_KEY,
@@ -357,8 +358,6 @@ class SegmentationModule(L.LightningModule):
         augmentations and noise as an uninterrupted one; they are restored only when training resumes
         (``Trainer.fit(ckpt_path=...)``), never by ``load_from_checkpoint``.
         """
-        from gpcps_lightning import __version__
-
         cls = type(self)
         checkpoint[CHECKPOINT_KEY] = {
             "version": __version__,
