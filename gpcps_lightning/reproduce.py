@@ -101,6 +101,7 @@ def _make_datamodule(args: argparse.Namespace, fraction: float, seed: int) -> An
         cache=True,
         seed=seed,
         eval_at_original_size=not args.eval_at_training_size,
+        augment=not getattr(args, "no_augment", False),
     )
     if args.steps_per_epoch is not None:
         common["steps_per_epoch"] = args.steps_per_epoch
@@ -557,6 +558,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--data-root", default="data/kvasir-seg", help="dataset folder")
     add("--download", action="store_true", help="download Kvasir-SEG into --data-root if missing")
     add("--synthetic-images", type=int, default=400, help="size of the generated dataset (--data synthetic)")
+    add("--no-augment", action="store_true", help="train without augmentation (the authors' code has none)")
     add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
     add("--out", default="runs/reproduce", help="folder for records/ and runs/")
     add("--progress-bar", action="store_true", help="show Lightning's progress bar")

@@ -703,3 +703,11 @@ def test_penalty_share_is_summarised_in_the_record_and_not_a_setting(
     # the same settings as the fixture's runs (the diagnostic is not compared): its records are reused
     reused = _copy(tiny, tmp_path / "reuse")
     assert main(_run_args(reused, tiny["data"], tiny["config"], "--penalty-share-every", "1")) == 0
+
+
+def test_no_augment_reaches_the_datamodule(tmp_path: Path) -> None:
+    from gpcps_lightning.reproduce import _make_datamodule, _parser
+
+    common = ["run", "--data", "synthetic", "--data-root", str(tmp_path), "--image-size", "32"]
+    assert _make_datamodule(_parser().parse_args(common), 0.25, 0).augment is True
+    assert _make_datamodule(_parser().parse_args([*common, "--no-augment"]), 0.25, 0).augment is False
