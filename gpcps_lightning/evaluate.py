@@ -57,7 +57,7 @@ from gpcps_lightning.data.datasets import (
 )
 from gpcps_lightning.data.transforms import normalize
 from gpcps_lightning.module import SegmentationModule, _segmentation_metrics
-from gpcps_lightning.predict import Preprocessing, load_module
+from gpcps_lightning.predict import Preprocessing, add_preprocessing_arguments, load_module
 
 __all__ = [
     "EvaluationReport",
@@ -673,19 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader processes reading the files (default 0)."
     )
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Training size H [W], for checkpoints that do not record it.",
-    )
-    parser.add_argument(
-        "--mean", type=float, nargs=3, default=None, help="Normalisation mean, if not recorded."
-    )
-    parser.add_argument(
-        "--std", type=float, nargs=3, default=None, help="Normalisation std, if not recorded."
-    )
+    add_preprocessing_arguments(parser)
     parser.add_argument(
         "--model-class",
         default=None,

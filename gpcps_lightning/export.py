@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from gpcps_lightning._io import atomic_path
 from gpcps_lightning.checkpointing import read_checkpoint
 from gpcps_lightning.module import SegmentationModule
-from gpcps_lightning.predict import Preprocessing, load_module
+from gpcps_lightning.predict import Preprocessing, add_preprocessing_arguments, load_module
 
 __all__ = ["ExportedHead", "export_onnx", "export_torchscript", "main"]
 
@@ -318,19 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Head to export, e.g. ensemble, net1, net2 (default: the predicting head, for GP-CPS the "
         "ensemble).",
     )
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Training size H [W] if the checkpoint does not record it.",
-    )
-    parser.add_argument(
-        "--mean", type=float, nargs=3, default=None, help="Normalisation mean, if not recorded."
-    )
-    parser.add_argument(
-        "--std", type=float, nargs=3, default=None, help="Normalisation std, if not recorded."
-    )
+    add_preprocessing_arguments(parser)
     parser.add_argument(
         "--normalize",
         action="store_true",

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "ImageLike",
     "Preprocessing",
     "Segmenter",
+    "add_preprocessing_arguments",
     "list_images",
     "load_module",
     "preprocess",
@@ -79,6 +81,23 @@ def _triple(values: float | Sequence[float], name: str) -> tuple[float, float, f
     if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3:
         return (float(values[0]), float(values[1]), float(values[2]))
     raise ValueError(f"`{name}` must be a number or three numbers (one per RGB channel), got {values!r}.")
+
+
+def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--image-size``, ``--mean`` and ``--std``, for checkpoints that do not record them."""
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Training size H [W], for checkpoints that do not record it.",
+    )
+    parser.add_argument(
+        "--mean", type=float, nargs=3, default=None, help="Normalisation mean, if not recorded."
+    )
+    parser.add_argument(
+        "--std", type=float, nargs=3, default=None, help="Normalisation std, if not recorded."
+    )
 
 
 @dataclass(frozen=True)
