@@ -57,7 +57,12 @@ from gpcps_lightning.data.datasets import (
 )
 from gpcps_lightning.data.transforms import normalize
 from gpcps_lightning.module import SegmentationModule, _segmentation_metrics
-from gpcps_lightning.predict import Preprocessing, add_preprocessing_arguments, load_module
+from gpcps_lightning.predict import (
+    Preprocessing,
+    add_checkpoint_arguments,
+    load_module,
+    parse_checkpoint_arguments,
+)
 
 __all__ = [
     "EvaluationReport",
@@ -673,27 +678,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader processes reading the files (default 0)."
     )
-    add_preprocessing_arguments(parser)
-    parser.add_argument(
-        "--model-class",
-        default=None,
-        help="Module class path if the checkpoint does not record it, e.g. gpcps_lightning.GPCPSModule.",
-    )
+    add_checkpoint_arguments(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
-    model_class = None
-    if args.model_class:
-        import importlib
-
-        module_name, _, name = args.model_class.rpartition(".")
-        try:
-            model_class = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError, ValueError) as err:
-            parser.error(
-                f"--model-class {args.model_class!r} cannot be imported ({err}); give the full class path, "
-                "e.g. gpcps_lightning.GPCPSModule."
-            )
-    size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
+    model_class, size = parse_checkpoint_arguments(parser, args)
     try:
         report = evaluate_checkpoints(
             args.checkpoints,

@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from gpcps_lightning._io import atomic_path
 from gpcps_lightning.checkpointing import read_checkpoint
 from gpcps_lightning.module import SegmentationModule
-from gpcps_lightning.predict import Preprocessing, add_preprocessing_arguments, load_module
+from gpcps_lightning.predict import (
+    Preprocessing,
+    add_checkpoint_arguments,
+    load_module,
+    parse_checkpoint_arguments,
+)
 
 __all__ = ["ExportedHead", "export_onnx", "export_torchscript", "main"]
 
@@ -318,35 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Head to export, e.g. ensemble, net1, net2 (default: the predicting head, for GP-CPS the "
         "ensemble).",
     )
-    add_preprocessing_arguments(parser)
+    add_checkpoint_arguments(parser)
     parser.add_argument(
         "--normalize",
         action="store_true",
         help="Bake the normalisation in: the model takes images in [0, 1].",
     )
-    parser.add_argument(
-        "--model-class",
-        default=None,
-        help="Module class path if the checkpoint does not record it, e.g. gpcps_lightning.GPCPSModule.",
-    )
     parser.add_argument("--no-check", action="store_true", help="Skip the comparison with PyTorch.")
     args = parser.parse_args(list(argv) if argv is not None else None)
 
-    model_class = None
-    if args.model_class:
-        import importlib
-
-        module_name, _, name = args.model_class.rpartition(".")
-        try:
-            model_class = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError, ValueError) as err:
-            parser.error(
-                f"--model-class {args.model_class!r} cannot be imported ({err}); give the full class path, "
-                "e.g. gpcps_lightning.GPCPSModule."
-            )
+    model_class, size = parse_checkpoint_arguments(parser, args)
     ckpt = read_checkpoint(args.checkpoint)
     module = load_module(ckpt, model_class)
-    size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
     preprocessing: Preprocessing | None
     try:
         preprocessing = Preprocessing.from_hparams(

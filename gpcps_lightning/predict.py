@@ -38,9 +38,10 @@ __all__ = [
     "ImageLike",
     "Preprocessing",
     "Segmenter",
-    "add_preprocessing_arguments",
+    "add_checkpoint_arguments",
     "list_images",
     "load_module",
+    "parse_checkpoint_arguments",
     "preprocess",
     "resize_to_original",
     "to_rgb_array",
@@ -83,8 +84,8 @@ def _triple(values: float | Sequence[float], name: str) -> tuple[float, float, f
     raise ValueError(f"`{name}` must be a number or three numbers (one per RGB channel), got {values!r}.")
 
 
-def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--image-size``, ``--mean`` and ``--std``, for checkpoints that do not record them."""
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--image-size``, ``--mean``, ``--std`` and ``--model-class``, for checkpoints that lack them."""
     parser.add_argument(
         "--image-size",
         type=int,
@@ -98,6 +99,34 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--std", type=float, nargs=3, default=None, help="Normalisation std, if not recorded."
     )
+    parser.add_argument(
+        "--model-class",
+        default=None,
+        help="Module class path if the checkpoint does not record it, e.g. gpcps_lightning.GPCPSModule.",
+    )
+
+
+def parse_checkpoint_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[type | None, int | list[int] | None]:
+    """The module class named by ``--model-class`` (``None`` if not given) and ``--image-size`` as a size.
+
+    Exits through ``parser.error`` when the class cannot be imported.
+    """
+    model_class = None
+    if args.model_class:
+        import importlib
+
+        module_name, _, name = args.model_class.rpartition(".")
+        try:
+            model_class = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            parser.error(
+                f"--model-class {args.model_class!r} cannot be imported ({err}); give the full class path, "
+                "e.g. gpcps_lightning.GPCPSModule."
+            )
+    size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
+    return model_class, size
 
 
 @dataclass(frozen=True)
