@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from gpcps_lightning._version import __version__
-from gpcps_lightning.baselines import CPSModule, MeanTeacherModule, SupervisedModule
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule
-from gpcps_lightning.module import GPCPSModule, SegmentationModule
+from gpcps_lightning.methods import (
+    CPSModule,
+    GPCPSModule,
+    MeanTeacherModule,
+    SegmentationModule,
+    SupervisedModule,
+)
 from gpcps_lightning.predict import Segmenter
 
 __all__ = [

@@ -3,14 +3,16 @@
 It times the training step of five step kinds on the same pre-made, on-device data, one after the other
 in the same run, so that their ratios are comparable:
 
-- ``supervised``: :class:`~gpcps_lightning.module.GPCPSModule` with ``lambda_semi=0, lambda_grad=0``
+- ``supervised``: :class:`~gpcps_lightning.GPCPSModule` with ``lambda_semi=0, lambda_grad=0``
   (two networks, ``L_sup`` only);
 - ``cps``: ``lambda_grad=0`` (``L_sup + L_semi``: the fused forward pass, no penalty);
 - ``gpcps``: the exact method (``L_grad`` every step, second-order gradient);
 - ``gpcps_lazy``: ``gp_every_n_steps=k`` (``L_grad`` every k steps with weight ``k * lambda_grad``),
   timed over whole windows of k steps and reported as the mean step of a window (amortized);
 - ``plain``: the same GP-CPS loss written as a straightforward PyTorch loop from the pure functions of
-  :mod:`gpcps_lightning.losses` with two ``torch.optim.Adam``, no Lightning.
+  :mod:`gpcps_lightning.losses` with two ``torch.optim.Adam``, no Lightning (the same objective function,
+  :func:`~gpcps_lightning.losses.gpcps.gpcps_objective`, around a forward and backward pass written
+  independently of the module's).
 
 The Lightning kinds run inside a real :class:`lightning.Trainer`; a callback takes the time at the start
 of every training batch (after synchronising the device), so a step is the wall time from one batch start
@@ -53,17 +55,15 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpcps_lightning.batch import SemiSupervisedBatch
-from gpcps_lightning.losses import (
-    background_mask,
+from gpcps_lightning.losses.gpcps import (
     fuse_images,
-    fused_pseudo_labels,
-    gradient_penalty,
+    gpcps_objective,
     input_gradient,
+    output_sum,
     penalty_precision_context,
     sample_eps,
-    soft_dice_loss,
 )
-from gpcps_lightning.module import GPCPSModule
+from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.networks import build_network
 
 __all__ = [
@@ -558,13 +558,16 @@ class _PlainGPCPS:
     def step(
         self, batch: SemiSupervisedBatch, phase_times: dict[str, list[float]] | None = None
     ) -> dict[str, Tensor]:
-        """One training step; returns the detached loss terms."""
+        """One training step; returns the detached loss terms.
+
+        The forward passes, the input gradient and the backward pass are written out here; the loss is
+        the library's :func:`~gpcps_lightning.losses.gpcps.gpcps_objective`, given the input gradient.
+        """
         t = time.perf_counter()
         labeled, y, unlabeled = batch.labeled, batch.mask, batch.unlabeled
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             p1_labeled = torch.sigmoid(self.net1(labeled))
             p2_labeled = torch.sigmoid(self.net2(labeled))
-            sup = soft_dice_loss(p1_labeled, y) + soft_dice_loss(p2_labeled, y)
             eps = sample_eps(labeled.shape[0], device=labeled.device)
             fused = fuse_images(labeled, unlabeled, eps)
             if self.penalty:
@@ -572,36 +575,42 @@ class _PlainGPCPS:
             with penalty_precision_context(self.device.type, self.penalty):
                 p1 = torch.sigmoid(self.net1(fused))
                 p2 = torch.sigmoid(self.net2(fused))
-            semi = soft_dice_loss(p1, fused_pseudo_labels(y, p2, eps)) + soft_dice_loss(
-                p2, fused_pseudo_labels(y, p1, eps)
-            )
-            total = sup + _LAMBDA_SEMI * semi
             t = self._mark(phase_times, "forward", t)
-            penalty = torch.zeros((), device=labeled.device)
+            grad = None
             if self.penalty:
-                grad = input_gradient(p1.float().sum() + p2.float().sum(), fused)
+                grad = input_gradient(output_sum(p1, p2), fused)
                 t = self._mark(phase_times, "input_gradient", t)
-                penalty = gradient_penalty(grad, background_mask(y, p1, p2))
-                total = total + _LAMBDA_GRAD * penalty
+            losses = gpcps_objective(
+                p1_labeled,
+                p2_labeled,
+                y,
+                p1,
+                p2,
+                eps,
+                input_grad=grad,
+                lambda_semi=_LAMBDA_SEMI,
+                lambda_grad=_LAMBDA_GRAD if self.penalty else 0.0,
+            )
+            t = self._mark(phase_times, "losses", t)
         self.opt1.zero_grad(set_to_none=True)
         self.opt2.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
+            self.scaler.scale(losses.total).backward()
             t = self._mark(phase_times, "final_backward", t)
             self.scaler.step(self.opt1)
             self.scaler.step(self.opt2)
             self.scaler.update()
         else:
-            total.backward()
+            losses.total.backward()
             t = self._mark(phase_times, "final_backward", t)
             self.opt1.step()
             self.opt2.step()
         self._mark(phase_times, "optimizer", t)
         return {
-            "loss": total.detach(),
-            "loss_sup": sup.detach(),
-            "loss_semi": semi.detach(),
-            "loss_grad": penalty.detach(),
+            "loss": losses.total.detach(),
+            "loss_sup": losses.sup.detach(),
+            "loss_semi": losses.semi.detach(),
+            "loss_grad": losses.penalty.detach(),
         }
 
 

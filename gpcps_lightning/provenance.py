@@ -43,6 +43,7 @@ __all__ = [
     "file_sha256",
     "library_versions",
     "load_method_config",
+    "public_class_path",
     "resolved_init_args",
     "run_settings",
     "settings_differences",
@@ -297,8 +298,37 @@ def split_files(datamodule: Any) -> dict[str, Path]:
     return files
 
 
+def public_class_path(path: str) -> str:
+    """The stable name of a class path: ``gpcps_lightning.<Name>`` for a class the package exports.
+
+    A class of ``gpcps_lightning.__all__`` keeps its public name wherever it is defined, so that records
+    stay comparable when the code moves: the legacy ``gpcps_lightning.module.GPCPSModule`` and
+    ``gpcps_lightning.baselines.CPSModule``, the ``gpcps_lightning.methods.*`` modules and
+    ``gpcps_lightning.data.*`` all map to ``gpcps_lightning.<Name>``. Other paths are returned unchanged.
+
+    Args:
+        path: A dotted class path, as records store it.
+    """
+    import gpcps_lightning
+
+    module, _, name = path.rpartition(".")
+    if not (module == "gpcps_lightning" or module.startswith("gpcps_lightning.")):
+        return path
+    if name in gpcps_lightning.__all__ and isinstance(getattr(gpcps_lightning, name, None), type):
+        return f"gpcps_lightning.{name}"
+    return path
+
+
 def _class_path(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return public_class_path(f"{type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def _normalised(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with every class path (``model.class_path``, ``data.class_path``) made public."""
+    return {
+        k: public_class_path(v) if k.endswith("class_path") and isinstance(v, str) else v
+        for k, v in settings.items()
+    }
 
 
 def run_settings(
@@ -333,12 +363,15 @@ def run_settings(
 def settings_id(settings: Mapping[str, Any], *, per_fraction: bool = False) -> str:
     """Short hash (8 hex digits) of the settings that a table row shares: seeds (and fractions) left out.
 
+    Class paths enter by their public name (:func:`public_class_path`), so a record that names a class by
+    an earlier module path gets the same id.
+
     Args:
         settings: A record's ``settings``.
         per_fraction: Keep :data:`FRACTION_KEYS` (the id of one table cell rather than of a row).
     """
     drop = set(SEED_KEYS) if per_fraction else set(SEED_KEYS) | set(FRACTION_KEYS)
-    kept = {k: v for k, v in settings.items() if k not in drop}
+    kept = {k: v for k, v in _normalised(settings).items() if k not in drop}
     payload = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
@@ -351,7 +384,11 @@ def _show(value: Any) -> str:
 
 
 def settings_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The keys whose values differ, as ``"key: <recorded> in the record, <current> in this command"``."""
+    """The keys whose values differ, as ``"key: <recorded> in the record, <current> in this command"``.
+
+    Class paths are compared by their public name (:func:`public_class_path`).
+    """
+    recorded, current = _normalised(recorded), _normalised(current)
     missing = object()
     out = []
     for key in sorted(set(recorded) | set(current)):

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from gpcps_lightning import CPSModule, GPCPSModule, MeanTeacherModule, SupervisedModule
-from gpcps_lightning.baselines import add_gaussian_noise, ema_decay_at, ema_update
 from gpcps_lightning.losses import (
+    add_gaussian_noise,
     consistency_loss,
     cps_loss,
+    ema_decay_at,
+    ema_update,
     hard_pseudo_labels,
     sigmoid_rampup,
     soft_dice_loss,

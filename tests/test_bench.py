@@ -18,7 +18,7 @@ from torch import nn
 from gpcps_lightning import bench
 from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.bench import BenchConfig, count_step_flops
-from gpcps_lightning.module import GPCPSModule
+from gpcps_lightning.methods.gpcps import GPCPSModule
 
 TINY_ARGS = [
     "--encoder",
@@ -208,7 +208,7 @@ def test_plain_loop_matches_the_module_losses() -> None:
     expected = module.compute_losses(batch, 0)
     assert plain["loss_sup"] == pytest.approx(float(expected.sup.detach()), rel=1e-5)
     assert plain["loss_semi"] == pytest.approx(float(expected.semi.detach()), rel=1e-5)
-    assert plain["loss_grad"] == pytest.approx(float(expected.grad.detach()), rel=1e-4)
+    assert plain["loss_grad"] == pytest.approx(float(expected.penalty.detach()), rel=1e-4)
     assert plain["loss"] == pytest.approx(float(expected.total.detach()), rel=1e-5)
 
 
@@ -231,7 +231,14 @@ def test_plain_loop_with_fused_adam_takes_the_same_step() -> None:
 def test_profile_writes_tables_and_phases(tmp_path: Path) -> None:
     phases = bench.profile_step(tiny_config(steps=3, warmup=1), tmp_path, kind="gpcps", steps=1)
     assert set(phases) == {"cps", "gpcps"}
-    assert set(phases["gpcps"]) == {"forward", "input_gradient", "final_backward", "optimizer", "step"}
+    assert set(phases["gpcps"]) == {
+        "forward",
+        "input_gradient",
+        "losses",
+        "final_backward",
+        "optimizer",
+        "step",
+    }
     assert "input_gradient" not in phases["cps"]
     assert "convolution" in (tmp_path / "gpcps_ops.txt").read_text()
     assert (tmp_path / "gpcps_trace.json").stat().st_size > 0
@@ -329,15 +336,15 @@ def test_lazy_penalty_is_due_every_k_steps_with_weight_k(tiny_net: dict[str, Any
     for step in (0, 4):
         got = lazy.compute_losses(batch, step)
         want = exact_k.compute_losses(batch, step)
-        assert got.grad.item() > 0
+        assert got.penalty.item() > 0
         assert got.total.item() == pytest.approx(want.total.item(), rel=1e-6)
-        assert got.total.item() == pytest.approx((got.sup + got.semi + 4e-3 * got.grad).item(), rel=1e-6)
+        assert got.total.item() == pytest.approx((got.sup + got.semi + 4e-3 * got.penalty).item(), rel=1e-6)
         for a, b in zip(_grads(lazy, got.total), _grads(exact_k, want.total), strict=True):
             torch.testing.assert_close(a, b)
     for step in (1, 2, 3, 5):
         got = lazy.compute_losses(batch, step)
         want = no_penalty.compute_losses(batch, step)
-        assert got.grad.item() == 0.0
+        assert got.penalty.item() == 0.0
         assert got.total.item() == pytest.approx(want.total.item(), rel=1e-6)
         for a, b in zip(_grads(lazy, got.total), _grads(no_penalty, want.total), strict=True):
             torch.testing.assert_close(a, b)
@@ -350,7 +357,7 @@ def test_lazy_penalty_follows_the_trainer_step(tiny_net: dict[str, Any]) -> None
     class Spy(GPCPSModule):
         def compute_losses(self, batch: SemiSupervisedBatch, step: int = 0) -> Any:
             losses = super().compute_losses(batch, step)
-            seen.append((step, bool(losses.grad != 0)))
+            seen.append((step, bool(losses.penalty != 0)))
             return losses
 
     trainer = L.Trainer(

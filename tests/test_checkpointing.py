@@ -42,7 +42,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_checkpoint_is_stamped_and_reads_weights_only(checkpoint: Path) -> None:
     data = read_checkpoint(checkpoint, expected_class=GPCPSModule)
-    assert data[CHECKPOINT_KEY]["class"] == "gpcps_lightning.module.GPCPSModule"
+    assert data[CHECKPOINT_KEY]["class"] == "gpcps_lightning.methods.gpcps.GPCPSModule"
     assert "optimizer_states" in data
     module = GPCPSModule.load_from_checkpoint(checkpoint)
     assert isinstance(module, GPCPSModule)
@@ -65,7 +65,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_foreign_checkpoints_are_refused(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"holds a gpcps_lightning.module.GPCPSModule checkpoint.*GPCPSModule\.load"
+        ValueError, match=r"holds a gpcps_lightning.methods.gpcps.GPCPSModule checkpoint.*GPCPSModule\.load"
     ):
         SupervisedModule.load_from_checkpoint(checkpoint)
     plain = tmp_path / "plain.ckpt"

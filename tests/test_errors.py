@@ -84,9 +84,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is
 NOT_CATALOGUED = {
     ("_io.py", "atomic_path", "FileNotFoundError"): "internal: a writer of the library produced no file",
     ("data/cache.py", "SharedUInt8Cache.put", "ValueError"): "internal: the datasets store what they decoded",
-    ("module.py", "SegmentationModule.load_from_checkpoint", "ValueError"): (
+    ("methods/base.py", "SegmentationModule.load_from_checkpoint", "ValueError"): (
         "re-raises read_checkpoint's message with the file name (catalogued under Checkpoints)"
     ),
+    ("module.py", "__getattr__", "AttributeError"): "Python's own message for a name a module does not have",
+    (
+        "baselines.py",
+        "__getattr__",
+        "AttributeError",
+    ): "Python's own message for a name a module does not have",
     (
         "bench.py",
         "profile_step",

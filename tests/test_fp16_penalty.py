@@ -17,9 +17,9 @@ from conftest import TINY_NET, RandomSemiDataModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-import gpcps_lightning.baselines as baselines_mod
+import gpcps_lightning.methods.mean_teacher as baselines_mod
 from gpcps_lightning import GPCPSModule, MeanTeacherModule
-from gpcps_lightning.module import SegmentationModule
+from gpcps_lightning.methods.base import SegmentationModule
 from gpcps_lightning.testing import fp16_penalty_agreement
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

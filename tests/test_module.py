@@ -14,10 +14,11 @@ from conftest import TINY_NET, RandomSemiDataModule, random_semi_batch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-import gpcps_lightning.module as module_mod
+import gpcps_lightning.losses.gpcps as objective_mod
+import gpcps_lightning.methods.gpcps as method_mod
 from gpcps_lightning import EvaluationBatch, GPCPSModule, SemiSupervisedBatch
 from gpcps_lightning.losses import fuse_images
-from gpcps_lightning.module import SegmentationModule
+from gpcps_lightning.methods.base import SegmentationModule
 
 
 def _trainer(tmp_path: Path | None = None, **kwargs: Any) -> L.Trainer:
@@ -101,11 +102,11 @@ def _fixed_fused_batch() -> SemiSupervisedBatch:
 def test_penalty_gradient_reaches_both_networks() -> None:
     module = GPCPSModule(**TINY_NET)
     losses = module.compute_losses(_fixed_fused_batch())
-    assert losses.grad.item() > 0
+    assert losses.penalty.item() > 0
     for net in (module.net1, module.net2):
         params = list(net.parameters())
         sup = torch.autograd.grad(losses.sup, params, retain_graph=True, allow_unused=True)
-        pen = torch.autograd.grad(losses.grad, params, retain_graph=True, allow_unused=True)
+        pen = torch.autograd.grad(losses.penalty, params, retain_graph=True, allow_unused=True)
         # Every parameter the supervised loss trains at this point (timm zero-initialises the last
         # normalisation of each residual block, which blocks some gradients at init) gets a penalty gradient.
         trained = [i for i, g in enumerate(sup) if g is not None and g.abs().sum() > 0]
@@ -134,13 +135,13 @@ class _Spy:
             getattr(module, name).register_forward_pre_hook(
                 lambda _m, args, name=name: self.inputs[name].append(args[0].detach().clone())
             )
-        real = module_mod.input_gradient
+        real = objective_mod.input_gradient
 
         def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
             self.gradient_calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(module_mod, "input_gradient", counting)
+        monkeypatch.setattr(objective_mod, "input_gradient", counting)
 
 
 @pytest.mark.parametrize(
@@ -160,9 +161,9 @@ def test_ablation_rows_compose_the_loss(
     losses = module.compute_losses(_fixed_fused_batch())
     assert len(spy.inputs["net1"]) == len(spy.inputs["net2"]) == forwards, row
     assert spy.gradient_calls == gradient_calls, row
-    expected = losses.sup + lambda_grad * losses.grad + lambda_semi * losses.semi
+    expected = losses.sup + lambda_grad * losses.penalty + lambda_semi * losses.semi
     torch.testing.assert_close(losses.total, expected)
-    assert (losses.grad.item() > 0) == (lambda_grad > 0)
+    assert (losses.penalty.item() > 0) == (lambda_grad > 0)
     assert (losses.semi.item() > 0) == (lambda_semi > 0)
 
 
@@ -170,7 +171,7 @@ def test_module_fuses_with_eps_when_the_batch_does_not(monkeypatch: pytest.Monke
     module = GPCPSModule(**TINY_NET)
     spy = _Spy(module, monkeypatch)
     eps = torch.tensor([0.25, 0.9]).reshape(2, 1, 1, 1)
-    monkeypatch.setattr(module_mod, "sample_eps", lambda n, mode, device=None: eps)
+    monkeypatch.setattr(method_mod, "sample_eps", lambda n, mode, device=None: eps)
     batch = random_semi_batch(n=2)
     module.compute_losses(batch)
     expected = eps * batch.labeled + (1 - eps) * batch.unlabeled
@@ -183,15 +184,15 @@ def test_lazy_penalty_weight_and_schedule() -> None:
     assert [module.penalty_due(s) for s in range(6)] == [True, False, False, False, True, False]
     batch = _fixed_fused_batch()
     due, skipped = module.compute_losses(batch, step=4), module.compute_losses(batch, step=5)
-    torch.testing.assert_close(due.total, due.sup + 4 * 1e-3 * due.grad + due.semi)
-    assert skipped.grad.item() == 0.0
+    torch.testing.assert_close(due.total, due.sup + 4 * 1e-3 * due.penalty + due.semi)
+    assert skipped.penalty.item() == 0.0
     torch.testing.assert_close(skipped.total, skipped.sup + skipped.semi)
 
 
 def test_authors_variants_run() -> None:
     module = GPCPSModule(**TINY_NET, dice="authors", background="authors", eps_mode="per_batch")
     losses = module.compute_losses(random_semi_batch())
-    assert all(math.isfinite(v.item()) for v in (losses.total, losses.sup, losses.grad, losses.semi))
+    assert all(math.isfinite(v.item()) for v in (losses.total, losses.sup, losses.penalty, losses.semi))
 
 
 def test_encoder_without_second_derivative_is_a_clear_error() -> None:
@@ -238,7 +239,7 @@ def _fp16_fit(init_scale: float, steps: int = 2) -> tuple[GPCPSModule, torch.amp
 
 
 def test_fp16_nonfinite_input_gradient_skips_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(module_mod, "_nonfinite_flag", lambda g: torch.tensor(float("nan")))
+    monkeypatch.setattr(objective_mod, "_nonfinite_flag", lambda g: torch.tensor(float("nan")))
     module, scaler, before = _fp16_fit(init_scale=2.0**4, steps=2)
     assert torch.equal(before, _params(module))  # both steps skipped
     assert scaler.get_scale() == 2.0**2  # and the scale backed off twice, as for any overflow
@@ -365,7 +366,7 @@ def test_penalty_share_is_the_loss_and_gradient_norm_ratio(monkeypatch: pytest.M
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
         return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
 
-    weighted = 0.5 * losses.grad
+    weighted = 0.5 * losses.penalty
     assert logged["train/penalty_share_loss"].item() == pytest.approx((weighted / losses.total).item())
     expected = norm(weighted) / norm(losses.total)
     assert 0.0 < expected < 10.0

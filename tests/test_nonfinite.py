@@ -11,8 +11,8 @@ import torch
 from conftest import TINY_NET, RandomSemiDataModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-import gpcps_lightning.baselines as baselines_mod
-import gpcps_lightning.module as module_mod
+import gpcps_lightning.losses.baselines as baselines_mod
+import gpcps_lightning.losses.gpcps as module_mod
 from gpcps_lightning import GPCPSModule, MeanTeacherModule
 
 

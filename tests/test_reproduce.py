@@ -458,7 +458,7 @@ def test_records_hold_configuration_code_and_versions(tiny: dict[str, Any]) -> N
     assert {"dice_net1", "dice_net2", "dice_ensemble", "iou_ensemble"} <= authors["test"].keys()
     supervised = records["supervised"]
     assert supervised["method_config"]["shipped"] and supervised["label"] == "UNet (supervised)"
-    assert supervised["settings"]["model.class_path"] == "gpcps_lightning.baselines.SupervisedModule"
+    assert supervised["settings"]["model.class_path"] == "gpcps_lightning.SupervisedModule"
 
 
 def test_finished_runs_with_the_same_settings_are_skipped(

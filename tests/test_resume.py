@@ -112,7 +112,7 @@ def test_gpcps_resume_needs_no_saved_random_state(
     """GP-CPS draws nothing from the global random state: its augmentations and eps replay by position."""
     full, _ = _run(data_root, tmp_path / "full", max_epochs=2)
     _run(data_root, tmp_path / "part", max_epochs=1)
-    monkeypatch.setattr("gpcps_lightning.module.restore_rng_state", lambda state: None)
+    monkeypatch.setattr("gpcps_lightning.methods.base.restore_rng_state", lambda state: None)
     torch.manual_seed(12345)
     resumed, _ = _run(data_root, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt", max_epochs=2)
     _assert_identical(full, resumed)
@@ -129,7 +129,7 @@ def test_mean_teacher_resume_replays_its_noise(
     resumed, _ = _run(data_root, tmp_path / "resumed", ckpt_path=last, max_epochs=2, method=MeanTeacherModule)
     _assert_identical(full, resumed)
     # Control: without restoring the saved states, the noise differs and so do the weights.
-    monkeypatch.setattr("gpcps_lightning.module.restore_rng_state", lambda state: None)
+    monkeypatch.setattr("gpcps_lightning.methods.base.restore_rng_state", lambda state: None)
     torch.manual_seed(12345)
     drifted, _ = _run(data_root, tmp_path / "drifted", ckpt_path=last, max_epochs=2, method=MeanTeacherModule)
     with pytest.raises(AssertionError):

@@ -129,7 +129,7 @@ def test_another_data_seed_gives_other_batches(data_root: Path) -> None:
 
 def test_gpcps_fuses_with_the_batch_weights(monkeypatch: pytest.MonkeyPatch, tiny_net: dict) -> None:
     used: list[torch.Tensor] = []
-    import gpcps_lightning.module as module_file
+    import gpcps_lightning.methods.gpcps as module_file
 
     real_fuse = module_file.fuse_images
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpcps_lightning.losses import sample_eps
+from gpcps_lightning.losses.gpcps import sample_eps
 
 __all__ = ["AUGMENTATION_STREAM", "FUSION_STREAM", "fusion_weights", "seeded_rng", "stream_seed"]
 

@@ -1,8 +1,8 @@
-"""The GP-CPS losses as pure, typed functions (no Lightning).
+"""GP-CPS's objective (docs/method.md, Eq. 1-17) as pure, typed functions (no Lightning).
 
-Every function implements one equation of ``docs/method.md`` (which follows the project's METHOD.md).
-The defaults are the specification's; the variants found in the paper authors' code are separate
-functions or options, never the default.
+Each function computes one equation; :func:`gpcps_objective` composes them into the whole of Eq. 17 from
+the networks' outputs. The defaults are the specification's; the variants found in the paper authors'
+code are separate functions or options, never the default.
 
 Conventions: images are (N, C, H, W); masks, probabilities and pseudo labels are (N, 1, H, W);
 ``eps`` is (N, 1, 1, 1). Losses are computed in at least float32 (half-precision inputs are promoted),
@@ -12,123 +12,38 @@ so that they behave the same under bf16 and fp16 autocast.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpcps_lightning.losses._checks import _as_float, _check_eps, _check_map, _check_same_shape
+from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
+
 __all__ = [
+    "BackgroundVariant",
+    "EpsMode",
+    "GPCPSLosses",
     "authors_background_mask",
-    "authors_dice_loss",
     "background_mask",
     "fuse_images",
     "fused_pseudo_labels",
+    "gpcps_objective",
     "gradient_penalty",
     "input_gradient",
+    "output_sum",
     "penalty_precision_context",
     "sample_eps",
-    "soft_dice_loss",
+    "semi_supervised_loss",
+    "supervised_loss",
+    "total_loss",
 ]
 
+#: ``"per_sample"``: one fusion weight per sample (specification); ``"per_batch"``: one per batch (authors).
 EpsMode = Literal["per_sample", "per_batch"]
-
-
-def _as_float(x: Tensor) -> Tensor:
-    """At least float32 (half precision is promoted; float64 stays float64 for gradient checks)."""
-    if x.dtype in (torch.float32, torch.float64):
-        return x
-    return x.to(torch.float32)
-
-
-def _check_map(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"`{name}` must have shape (N, 1, H, W), got {tuple(x.shape)}.")
-    if not (x.is_floating_point() or x.dtype == torch.bool):
-        raise ValueError(f"`{name}` must be floating point or bool, got {x.dtype}.")
-
-
-def _check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
-    if a.shape != b.shape:
-        raise ValueError(
-            f"`{a_name}` and `{b_name}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
-        )
-
-
-def _check_eps(eps: Tensor, n: int) -> None:
-    if not isinstance(eps, Tensor):
-        raise TypeError(f"`eps` must be a torch.Tensor, got {type(eps).__name__}.")
-    if eps.shape != (n, 1, 1, 1):
-        raise ValueError(f"`eps` must have shape ({n}, 1, 1, 1), got {tuple(eps.shape)}.")
-    if not eps.is_floating_point():
-        raise ValueError(f"`eps` must be floating point, got {eps.dtype}.")
-
-
-def soft_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
-    """Soft Dice loss, per sample, averaged over the batch (the paper's ``L_dice``).
-
-    ``1 - (2 * sum(p * t) + s) / (sum(p) + sum(t) + s)`` for each sample, then the batch mean.
-
-    Args:
-        probs: Foreground probabilities in [0, 1].
-        target: Targets in [0, 1]; soft targets (pseudo labels) are allowed.
-        smooth: The smoothing constant ``s``; must be positive.
-
-    Returns:
-        A float32 scalar.
-
-    Raises:
-        ValueError: On shapes other than (N, 1, H, W), different shapes, or ``smooth <= 0``.
-
-    Shape:
-        - probs: (N, 1, H, W)
-        - target: (N, 1, H, W)
-    """
-    _check_map("probs", probs)
-    _check_map("target", target)
-    _check_same_shape("probs", probs, "target", target)
-    if smooth <= 0:
-        raise ValueError(f"`smooth` must be positive, got {smooth}.")
-    p = _as_float(probs).flatten(1)
-    t = _as_float(target).flatten(1)
-    intersection = (p * t).sum(dim=1)
-    dice = (2.0 * intersection + smooth) / (p.sum(dim=1) + t.sum(dim=1) + smooth)
-    return (1.0 - dice).mean()
-
-
-def authors_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
-    """Dice loss as the paper authors' code computes it (an option, not the default).
-
-    One Dice over the whole batch with squared sums in the denominator:
-    ``1 - (2 * sum(p * t) + s) / (sum(p^2) + sum(t^2) + s)``.
-
-    Args:
-        probs: Foreground probabilities in [0, 1].
-        target: Targets in [0, 1].
-        smooth: The smoothing constant ``s``; must be positive.
-
-    Returns:
-        A float32 scalar.
-
-    Raises:
-        ValueError: On shapes other than (N, 1, H, W), different shapes, or ``smooth <= 0``.
-
-    Shape:
-        - probs: (N, 1, H, W)
-        - target: (N, 1, H, W)
-    """
-    _check_map("probs", probs)
-    _check_map("target", target)
-    _check_same_shape("probs", probs, "target", target)
-    if smooth <= 0:
-        raise ValueError(f"`smooth` must be positive, got {smooth}.")
-    p = _as_float(probs)
-    t = _as_float(target)
-    dice = (2.0 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
-    return 1.0 - dice
+#: ``"paper"``: the background set of Eq. 11 (specification); ``"authors"``: the authors' code's.
+BackgroundVariant = Literal["paper", "authors"]
 
 
 def sample_eps(
@@ -314,7 +229,9 @@ def input_gradient(
     inputs: Tensor,
     scaler: torch.amp.GradScaler | None = None,
 ) -> Tensor:
-    """``d(total) / d(inputs)`` with ``create_graph=True``, so that a penalty on it trains the networks.
+    """Input gradient (Eq. 10): ``G = d(total) / d(inputs)``, with ``create_graph=True``.
+
+    The graph is kept so that a penalty on ``G`` trains the networks (a second-order gradient).
 
     ``scaler`` applies PyTorch AMP's gradient-penalty recipe to a graph built in fp16: the gradient is taken
     of the *scaled* sum (so that small values do not underflow) and unscaled afterwards. That gives ``G``
@@ -384,121 +301,201 @@ def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
     return total / count
 
 
-# ---------------------------------------------------------------------------------------------------
-# Baselines: cross pseudo supervision (CPS) and Mean Teacher (see docs/baselines.md).
-# ---------------------------------------------------------------------------------------------------
-
-__all__ += ["consistency_loss", "cps_loss", "hard_pseudo_labels", "sigmoid_rampup"]
-
-
-def hard_pseudo_labels(logits: Tensor, threshold: float = 0.5) -> Tensor:
-    """Hard pseudo labels ``1[sigmoid(logits) >= threshold]``, detached (CPS, Chen et al. 2021).
-
-    For one-channel logits ``z`` this is the arg-max of the equivalent two-class softmax over
-    ``(0, z)`` when ``threshold = 0.5`` (up to ties at ``z = 0``, which go to the foreground here, as
-    in the library's evaluation).
+def supervised_loss(p1_labeled: Tensor, p2_labeled: Tensor, y: Tensor, dice: DiceVariant = "soft") -> Tensor:
+    """Supervised loss (Eq. 16): ``L_sup = Dice(p1(l), y) + Dice(p2(l), y)``.
 
     Args:
-        logits: One-channel logits of a network.
-        threshold: Probability threshold in (0, 1).
-
-    Returns:
-        float32 labels in {0, 1}, detached from the graph.
-
-    Raises:
-        ValueError: On a shape other than (N, 1, H, W) or a threshold outside (0, 1).
-
-    Shape:
-        - logits: (N, 1, H, W)
-        - output: (N, 1, H, W)
-    """
-    _check_map("logits", logits)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"`threshold` must be in (0, 1), got {threshold}.")
-    with torch.no_grad():
-        return (torch.sigmoid(logits.detach().float()) >= threshold).float()
-
-
-def cps_loss(logits_a: Tensor, logits_b: Tensor, threshold: float = 0.5) -> Tensor:
-    """Cross pseudo supervision loss for binary segmentation (Chen et al., CVPR 2021, Eq. 2-3).
-
-    Each network is supervised by the other's hard pseudo labels:
-    ``BCE(logits_a, Y_b) + BCE(logits_b, Y_a)`` with ``Y = 1[sigmoid(logits) >= threshold]``
-    detached, each binary cross entropy averaged over all pixels of the batch. BCE on one-channel
-    logits is exactly the pixel-wise two-class cross entropy of the paper (softmax over logits
-    ``(0, z)``), so this is the paper's loss for two classes, not an approximation of it.
-
-    Args:
-        logits_a: Logits of the first network.
-        logits_b: Logits of the second network on the same images.
-        threshold: Probability threshold of the pseudo labels, in (0, 1).
-
-    Returns:
-        A float32 scalar; its gradient reaches each network only through its own logits.
-
-    Raises:
-        ValueError: On shapes other than (N, 1, H, W), different shapes, or a threshold outside (0, 1).
-
-    Shape:
-        - logits_a, logits_b: (N, 1, H, W)
-    """
-    _check_map("logits_a", logits_a)
-    _check_map("logits_b", logits_b)
-    _check_same_shape("logits_a", logits_a, "logits_b", logits_b)
-    y_a = hard_pseudo_labels(logits_a, threshold)
-    y_b = hard_pseudo_labels(logits_b, threshold)
-    return F.binary_cross_entropy_with_logits(logits_a.float(), y_b) + F.binary_cross_entropy_with_logits(
-        logits_b.float(), y_a
-    )
-
-
-def consistency_loss(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
-    """Mean Teacher consistency cost: mean squared difference of probabilities (Tarvainen & Valpola 2017).
-
-    ``mean((p_student - p_teacher)^2)`` over all pixels of the batch, with the teacher's
-    probabilities detached (the teacher is trained only through the moving average). For one-channel
-    sigmoid outputs this equals the mean over both channels of the two-class softmax MSE.
-
-    Args:
-        student_probs: The student's foreground probabilities in [0, 1].
-        teacher_probs: The teacher's foreground probabilities in [0, 1].
+        p1_labeled: First network's probabilities on the labeled images.
+        p2_labeled: Second network's probabilities on the labeled images.
+        y: Masks of the labeled images, in {0, 1}.
+        dice: ``"soft"`` (:func:`~gpcps_lightning.losses.dice.soft_dice_loss`, specification) or
+            ``"authors"`` (:func:`~gpcps_lightning.losses.dice.authors_dice_loss`).
 
     Returns:
         A float32 scalar.
 
     Raises:
-        ValueError: On shapes other than (N, 1, H, W) or different shapes.
+        ValueError: On shapes other than documented or an unknown ``dice``.
 
     Shape:
-        - student_probs, teacher_probs: (N, 1, H, W)
+        - p1_labeled, p2_labeled, y: (N, 1, H, W)
     """
-    _check_map("student_probs", student_probs)
-    _check_map("teacher_probs", teacher_probs)
-    _check_same_shape("student_probs", student_probs, "teacher_probs", teacher_probs)
-    return F.mse_loss(student_probs.float(), teacher_probs.detach().float())
+    loss = dice_loss_function(dice)
+    return loss(p1_labeled, y) + loss(p2_labeled, y)
 
 
-def sigmoid_rampup(step: int, rampup_steps: int) -> float:
-    """Sigmoid-shaped ramp-up ``exp(-5 * (1 - t / T)^2)`` for ``t < T``, then 1 (Laine & Aila 2017).
+def semi_supervised_loss(
+    p1_fused: Tensor, p2_fused: Tensor, y: Tensor, eps: Tensor, dice: DiceVariant = "soft"
+) -> Tensor:
+    """Semi-supervised loss (Eq. 15): ``L_semi = Dice(p1(f), y1) + Dice(p2(f), y2)``.
 
-    The Mean Teacher paper ramps its consistency weight with this schedule; ``t`` is clipped to
-    ``[0, T]`` and ``T = 0`` means no ramp-up (always 1).
+    ``y1`` and ``y2`` are the fused cross pseudo labels of Eq. 13-14 (:func:`fused_pseudo_labels`): each
+    network is taught by the other one's detached output, mixed with the mask by ``eps``.
 
     Args:
-        step: Current (0-based) training step ``t``; must be >= 0.
-        rampup_steps: Ramp-up length ``T`` in steps; must be >= 0.
+        p1_fused: First network's probabilities on the fused images.
+        p2_fused: Second network's probabilities on the fused images.
+        y: Masks of the labeled images that went into the fused images.
+        eps: The fusion weights of the fused images.
+        dice: ``"soft"`` or ``"authors"``, as in :func:`supervised_loss`.
 
     Returns:
-        The ramp factor in ``[exp(-5), 1]`` (exactly 1 from ``t = T`` on).
+        A float32 scalar; no gradient flows through the pseudo labels.
 
     Raises:
-        ValueError: If ``step`` or ``rampup_steps`` is negative.
+        ValueError: On shapes other than documented or an unknown ``dice``.
+
+    Shape:
+        - p1_fused, p2_fused, y: (N, 1, H, W)
+        - eps: (N, 1, 1, 1)
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
-    if rampup_steps < 0:
-        raise ValueError(f"`rampup_steps` must be >= 0, got {rampup_steps}.")
-    if rampup_steps == 0 or step >= rampup_steps:
-        return 1.0
-    phase = 1.0 - step / rampup_steps
-    return math.exp(-5.0 * phase * phase)
+    loss = dice_loss_function(dice)
+    y1 = fused_pseudo_labels(y, p2_fused, eps)
+    y2 = fused_pseudo_labels(y, p1_fused, eps)
+    return loss(p1_fused, y1) + loss(p2_fused, y2)
+
+
+def output_sum(p1_fused: Tensor, p2_fused: Tensor) -> Tensor:
+    """The output sum the penalty differentiates (Eq. 9): ``S = sum(p1(f)) + sum(p2(f))``.
+
+    Probabilities, not logits, summed over every pixel of the batch, in at least float32.
+
+    Shape:
+        - p1_fused, p2_fused: (N, 1, H, W)
+        - output: scalar
+    """
+    return p1_fused.float().sum() + p2_fused.float().sum()
+
+
+def total_loss(
+    sup: Tensor,
+    semi: Tensor,
+    penalty: Tensor | None,
+    lambda_semi: float = 1.0,
+    lambda_grad: float = 1e-3,
+) -> Tensor:
+    """The total loss (Eq. 17): ``L_sup + lambda_grad * L_grad + lambda_semi * L_semi``.
+
+    Args:
+        sup: ``L_sup``.
+        semi: ``L_semi`` (0 when switched off).
+        penalty: ``L_grad``, or ``None`` on a step without the penalty (the term is then left out).
+        lambda_semi: Weight of ``L_semi``.
+        lambda_grad: Weight of ``L_grad`` (``k * lambda_grad`` for a lazy penalty every ``k`` steps).
+
+    Returns:
+        The scalar both networks are trained on.
+    """
+    total = sup + lambda_semi * semi
+    if penalty is not None:
+        total = total + lambda_grad * penalty
+    return total
+
+
+def _nonfinite_flag(values: Tensor) -> Tensor:
+    """NaN where ``values`` holds a non-finite element, else 0, as a device scalar (no host sync)."""
+    bad = ~torch.isfinite(values).all()
+    return torch.where(bad, float("nan"), 0.0)
+
+
+class GPCPSLosses(NamedTuple):
+    """The terms of Eq. 17 for one step (float32 scalars; ``penalty`` and ``semi`` are 0 when off)."""
+
+    total: Tensor
+    sup: Tensor
+    #: ``L_grad``, the gradient penalty (Eq. 12); 0 on a step without it.
+    penalty: Tensor
+    semi: Tensor
+    #: NaN when the penalty's input gradient holds a non-finite value, else 0 (``None`` without penalty).
+    nonfinite_flag: Tensor | None = None
+    #: ``S`` (Eq. 9), when the objective computed the input gradient itself, else ``None``.
+    output_sum: Tensor | None = None
+
+    @property
+    def grad(self) -> Tensor:
+        """The earlier name of :attr:`penalty` (``L_grad``), kept so that existing code keeps working."""
+        return self.penalty
+
+
+def gpcps_objective(
+    p1_labeled: Tensor,
+    p2_labeled: Tensor,
+    y: Tensor,
+    p1_fused: Tensor | None = None,
+    p2_fused: Tensor | None = None,
+    eps: Tensor | None = None,
+    *,
+    fused: Tensor | None = None,
+    input_grad: Tensor | None = None,
+    lambda_semi: float = 1.0,
+    lambda_grad: float = 1e-3,
+    dice: DiceVariant = "soft",
+    background: BackgroundVariant = "paper",
+    background_threshold: float = 0.5,
+) -> GPCPSLosses:
+    """The whole GP-CPS objective (Eq. 17) from the networks' outputs.
+
+    ``L_sup`` (Eq. 16) always; ``L_semi`` (Eq. 13-15) when ``lambda_semi > 0``; the gradient penalty
+    ``L_grad`` (Eq. 9-12) when ``lambda_grad > 0``: ``G = dS/df`` is taken here from ``fused`` (which the
+    fused outputs were computed from, with ``requires_grad``), or given as ``input_grad``.
+
+    Args:
+        p1_labeled: First network's probabilities on the labeled images.
+        p2_labeled: Second network's probabilities on the labeled images.
+        y: Masks of the labeled images, in {0, 1}.
+        p1_fused: First network's probabilities on the fused images (needed for ``L_semi`` and ``L_grad``).
+        p2_fused: Second network's probabilities on the fused images.
+        eps: The fusion weights (needed for ``L_semi``).
+        fused: The fused images, requiring grad, that ``p1_fused`` and ``p2_fused`` come from.
+        input_grad: ``G``, when the caller has already taken it (``fused`` is then not used).
+        lambda_semi: Weight of ``L_semi``; 0 leaves it out.
+        lambda_grad: Weight of ``L_grad``; 0 leaves it out (no second-order graph). A lazy penalty every
+            ``k`` steps passes ``k * lambda_grad`` on its steps and 0 on the others.
+        dice: ``"soft"`` (specification) or ``"authors"`` Dice loss.
+        background: ``"paper"`` background set (Eq. 11) or ``"authors"`` (:func:`authors_background_mask`).
+        background_threshold: Threshold on the mean probability in the paper's background set.
+
+    Returns:
+        The terms and their weighted total; ``nonfinite_flag`` flags a non-finite ``G``.
+
+    Raises:
+        ValueError: On negative weights, unknown variants, or an output the switched-on terms need missing.
+
+    Shape:
+        - p1_labeled, p2_labeled, y, p1_fused, p2_fused: (N, 1, H, W)
+        - eps: (N, 1, 1, 1)
+        - fused, input_grad: (N, C, H, W)
+    """
+    if lambda_semi < 0:
+        raise ValueError(f"`lambda_semi` must be >= 0, got {lambda_semi}.")
+    if lambda_grad < 0:
+        raise ValueError(f"`lambda_grad` must be >= 0, got {lambda_grad}.")
+    if background not in ("paper", "authors"):
+        raise ValueError(f"`background` must be 'paper' or 'authors', got {background!r}.")
+    with_semi, with_penalty = lambda_semi > 0, lambda_grad > 0
+    if (with_semi or with_penalty) and (p1_fused is None or p2_fused is None):
+        raise ValueError("`p1_fused` and `p2_fused` are needed when lambda_semi > 0 or lambda_grad > 0.")
+    if with_semi and eps is None:
+        raise ValueError("`eps` is needed when lambda_semi > 0: the pseudo labels mix the mask in by it.")
+    if with_penalty and fused is None and input_grad is None:
+        raise ValueError("`fused` (requiring grad) or `input_grad` is needed when lambda_grad > 0.")
+    zero = p1_labeled.new_zeros((), dtype=torch.float32)
+    sup = supervised_loss(p1_labeled, p2_labeled, y, dice)
+    semi, penalty, flag, s = zero, zero, None, None
+    if with_semi:
+        assert p1_fused is not None and p2_fused is not None and eps is not None  # checked above
+        semi = semi_supervised_loss(p1_fused, p2_fused, y, eps, dice)
+    if with_penalty:
+        assert p1_fused is not None and p2_fused is not None  # checked above
+        if input_grad is None:
+            assert fused is not None  # checked above
+            s = output_sum(p1_fused, p2_fused)
+            input_grad = input_gradient(s, fused)
+        flag = _nonfinite_flag(input_grad)
+        if background == "authors":
+            bg = authors_background_mask(y)
+        else:
+            bg = background_mask(y, p1_fused, p2_fused, background_threshold)
+        penalty = gradient_penalty(input_grad, bg)
+    total = total_loss(sup, semi, penalty if with_penalty else None, lambda_semi, lambda_grad)
+    return GPCPSLosses(total=total, sup=sup, penalty=penalty, semi=semi, nonfinite_flag=flag, output_sum=s)

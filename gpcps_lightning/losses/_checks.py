@@ -1,0 +1,38 @@
+"""Argument checks and dtype promotion shared by the loss functions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """At least float32 (half precision is promoted; float64 stays float64 for gradient checks)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.to(torch.float32)
+
+
+def _check_map(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"`{name}` must have shape (N, 1, H, W), got {tuple(x.shape)}.")
+    if not (x.is_floating_point() or x.dtype == torch.bool):
+        raise ValueError(f"`{name}` must be floating point or bool, got {x.dtype}.")
+
+
+def _check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"`{a_name}` and `{b_name}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+
+
+def _check_eps(eps: Tensor, n: int) -> None:
+    if not isinstance(eps, Tensor):
+        raise TypeError(f"`eps` must be a torch.Tensor, got {type(eps).__name__}.")
+    if eps.shape != (n, 1, 1, 1):
+        raise ValueError(f"`eps` must have shape ({n}, 1, 1, 1), got {tuple(eps.shape)}.")
+    if not eps.is_floating_point():
+        raise ValueError(f"`eps` must be floating point, got {eps.dtype}.")
