@@ -24,7 +24,7 @@ from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpcps_lightning._io import atomic_path
+from gpcps_lightning._utils import atomic_path, import_object
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -43,7 +43,7 @@ CHECKPOINT_KEY = "gpcps_lightning"
 def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one.
 
-    The bytes go to a temporary file in the same folder (see :func:`gpcps_lightning._io.atomic_path`),
+    The bytes go to a temporary file in the same folder (see :func:`gpcps_lightning._utils.atomic_path`),
     are flushed to disk, and the temporary file is then renamed over ``path``.
 
     Args:
@@ -217,10 +217,9 @@ def read_checkpoint(
 
 
 def _is_subclass_name(qualified: str, expected_class: type) -> bool:
-    module_name, _, class_name = qualified.rpartition(".")
     try:
-        found = getattr(__import__(module_name, fromlist=[class_name]), class_name)
-    except (ImportError, AttributeError):
+        found = import_object(qualified)
+    except ImportError:
         return False
     return isinstance(found, type) and issubclass(found, expected_class)
 

@@ -4,13 +4,13 @@
 :mod:`gpcps_lightning.batch`, ``mean``/``std``/``image_size``, ``denormalize``, ``predict_dir``) with
 generated images: a brighter square on noise. It trains in seconds on a CPU and needs no files, which
 is what configs in tests want; use :mod:`gpcps_lightning.data` for real data.
+
+The W&B log reader that lived here is :func:`gpcps_lightning.tools.wandb_reader.read_wandb_run`; the old
+name still imports from this module, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from gpcps_lightning._utils import moved_attribute
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data.io import read_image
+from gpcps_lightning.inference.predict import Preprocessing, list_images, preprocess
 from gpcps_lightning.losses import fuse_images, sample_eps
-from gpcps_lightning.predict import Preprocessing, list_images, preprocess
 
 if TYPE_CHECKING:
     from gpcps_lightning.module import GPCPSModule
@@ -32,7 +33,6 @@ __all__ = [
     "RandomSquaresDataModule",
     "fp16_penalty_agreement",
     "penalty_parameter_gradient",
-    "read_wandb_run",
 ]
 
 
@@ -173,86 +173,6 @@ class RandomSquaresDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, collate_fn=self._collate_predict)
 
 
-def _wandb_records(path: Path) -> list[bytes]:
-    # The .wandb transaction log is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then
-    # 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle,
-    # 4 last); block tails shorter than a chunk header are zero padding.
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{os.fspath(path)!r} is not a W&B transaction log (.wandb file).")
-    block, pos, records, pending = 32768, 7, [], b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pos += 7
-        if kind == 0 and length == 0:  # zero padding up to the end of the block
-            pos += left - 7
-            continue
-        if pos + length > len(data):
-            break  # a chunk still being written: stop at the last complete record
-        chunk, pos = data[pos : pos + length], pos + length
-        if kind == 1:
-            records.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            records.append(pending + chunk)
-            pending = b""
-        else:
-            raise ValueError(f"{os.fspath(path)!r}: unknown chunk type {kind} at byte {pos - length - 7}.")
-    return records
-
-
-def read_wandb_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read back what a W&B run (offline or online) wrote locally: history rows, config and summary.
-
-    Parses the run's ``run-<id>.wandb`` transaction log with the protobuf classes that ship with
-    ``wandb``, so it works without a W&B server or login (``wandb sync`` reads the same file).
-
-    Args:
-        run_dir: The run folder, e.g. ``<save_dir>/wandb/offline-run-<date>-<id>``.
-
-    Returns:
-        ``{"history": [row, ...], "config": {...}, "summary": {...}, "finished": bool}`` with JSON-decoded
-        values (nested keys joined with ``/``); ``finished`` says whether the run's exit record was written
-        (a run still being written is read up to its last complete record).
-
-    Raises:
-        FileNotFoundError: If the folder holds no ``.wandb`` file.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    files = sorted(Path(run_dir).glob("*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"No .wandb file in {os.fspath(run_dir)!r}: is it a W&B run folder?")
-
-    def key(item: Any) -> str:
-        return item.key or "/".join(item.nested_key)
-
-    history: list[dict[str, Any]] = []
-    config: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
-    finished = False
-    for raw in _wandb_records(files[0]):
-        record = pb.Record()  # type: ignore[attr-defined]
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({key(i): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "config":
-            config.update({key(i): json.loads(i.value_json) for i in record.config.update})
-        elif kind == "summary":
-            summary.update({key(i): json.loads(i.value_json) for i in record.summary.update})
-        elif kind == "exit":
-            finished = True
-    return {"history": history, "config": config, "summary": summary, "finished": finished}
-
-
 # --------------------------------------------------------------------------- fp16 penalty check
 def penalty_parameter_gradient(
     module: GPCPSModule,
@@ -336,3 +256,10 @@ def fp16_penalty_agreement(
         "fp16_norm": float(half_norm),
         "finite": bool(torch.isfinite(half).all()),
     }
+
+
+def __getattr__(name: str) -> Any:
+    # The W&B log reader moved to the tools; its old names still import from here.
+    if name in ("read_wandb_run", "_wandb_records"):
+        return moved_attribute(__name__, "gpcps_lightning.tools.wandb_reader", name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,8 @@ from gpcps_lightning.callbacks import (
     prediction_panel,
     selection_head,
 )
-from gpcps_lightning.testing import RandomSquaresDataModule, _wandb_records
+from gpcps_lightning.testing import RandomSquaresDataModule
+from gpcps_lightning.tools.wandb_reader import _wandb_records
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*smaller than the logging interval.*", "ignore:.*isinstance\\(treespec, LeafSpec\\).*"

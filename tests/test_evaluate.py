@@ -26,7 +26,7 @@ from gpcps_lightning import (
 )
 from gpcps_lightning.cli import main as gpcps
 from gpcps_lightning.data import generate_synthetic_polyps
-from gpcps_lightning.evaluate import (
+from gpcps_lightning.inference.evaluate import (
     EvaluationReport,
     bootstrap_interval,
     evaluate_checkpoints,
@@ -34,7 +34,7 @@ from gpcps_lightning.evaluate import (
     read_evaluation_folder,
     resolve_heads,
 )
-from gpcps_lightning.predict import Preprocessing, load_module
+from gpcps_lightning.inference.predict import Preprocessing, load_module
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*`weights_only` was not set"),

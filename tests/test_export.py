@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gpcps_lightning import GPCPSModule
-from gpcps_lightning.export import ExportedHead, export_onnx, export_torchscript, main
-from gpcps_lightning.predict import Preprocessing
+from gpcps_lightning.inference.export import ExportedHead, export_onnx, export_torchscript, main
+from gpcps_lightning.inference.predict import Preprocessing
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gpcps_lightning import GPCPSModule
 from gpcps_lightning.checkpointing import read_checkpoint
-from gpcps_lightning.predict import (
+from gpcps_lightning.inference.predict import (
     Preprocessing,
     Segmenter,
     load_module,

@@ -7,14 +7,7 @@ See ``docs/data.md``. The datamodules yield :class:`~gpcps_lightning.SemiSupervi
 
 from __future__ import annotations
 
-from gpcps_lightning.data.datamodule import (
-    DataSplit,
-    FolderDataModule,
-    SemiSupervisedDataModule,
-    ratio_split,
-    read_split_file,
-    split_folder,
-)
+from gpcps_lightning.data.datamodule import FolderDataModule, SemiSupervisedDataModule
 from gpcps_lightning.data.datasets import (
     CompactEvaluationBatch,
     CompactPredictionBatch,
@@ -28,6 +21,7 @@ from gpcps_lightning.data.datasets import (
 from gpcps_lightning.data.io import IMAGE_EXTENSIONS, binarize_mask, read_image, read_mask
 from gpcps_lightning.data.kvasir import KVASIR_SEG_URL, KvasirSEGDataModule, download_kvasir_seg
 from gpcps_lightning.data.sampler import SemiSupervisedPairSampler
+from gpcps_lightning.data.splits import DataSplit, ratio_split, read_split_file, split_folder
 from gpcps_lightning.data.synthetic import SyntheticPolypDataModule, generate_synthetic_polyps
 from gpcps_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationAugmentation
 

@@ -1,0 +1,43 @@
+"""Callbacks: checkpoint selection, image logging, prediction writing and a readable progress bar.
+
+- :class:`BestCheckpoint` (:mod:`~gpcps_lightning.callbacks.checkpoint`) keeps the best checkpoint by the
+  validation Dice of the module's selection head (the ensemble for GP-CPS) plus ``last.ckpt``, in a fixed
+  folder so that ``--ckpt_path last`` resumes.
+- :class:`ValidationImagePanel` (:mod:`~gpcps_lightning.callbacks.images`) logs, every few epochs, fixed
+  validation images with their ground truth and prediction overlays (W&B, TensorBoard, or PNG files for
+  other loggers); :class:`PredictionsPicture` writes a picture of a few validation predictions at the end
+  of ``fit``.
+- :class:`PredictionWriter` (:mod:`~gpcps_lightning.callbacks.writer`) writes one binary PNG mask per image
+  at its original size (and overlays).
+- :class:`LossProgressBar` (:mod:`~gpcps_lightning.callbacks.progress`) shows the loss terms and the
+  validation Dice with short names.
+"""
+
+from __future__ import annotations
+
+from gpcps_lightning.callbacks.checkpoint import BestCheckpoint, selection_head
+from gpcps_lightning.callbacks.images import (
+    GROUND_TRUTH_COLOR,
+    PREDICTION_COLOR,
+    PredictionsPicture,
+    ValidationImagePanel,
+    display_images,
+    overlay_mask,
+    prediction_panel,
+)
+from gpcps_lightning.callbacks.progress import LossProgressBar
+from gpcps_lightning.callbacks.writer import PredictionWriter
+
+__all__ = [
+    "GROUND_TRUTH_COLOR",
+    "PREDICTION_COLOR",
+    "BestCheckpoint",
+    "LossProgressBar",
+    "PredictionWriter",
+    "PredictionsPicture",
+    "ValidationImagePanel",
+    "display_images",
+    "overlay_mask",
+    "prediction_panel",
+    "selection_head",
+]
