@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -8,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gpcps_lightning import SyntheticPolypDataModule
 from gpcps_lightning.batch import EvaluationBatch, SemiSupervisedBatch
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -21,9 +24,54 @@ TINY_NET: dict[str, Any] = {
 }
 
 
+#: The Trainer arguments every test run shares: CPU, nothing logged, saved or printed, no validation.
+QUIET_TRAINER: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "limit_val_batches": 0,
+    "num_sanity_val_steps": 0,
+}
+
+
 @pytest.fixture
 def tiny_net() -> dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_NET.items()}
+
+
+def tiny_trainer(**overrides: Any) -> L.Trainer:
+    """A Trainer with :data:`QUIET_TRAINER`'s arguments, ``overrides`` replacing or adding to them.
+
+    Tests and fixtures ask for the ``tiny_trainer`` fixture; module-level helpers, which cannot, import
+    this function.
+    """
+    return L.Trainer(**{**QUIET_TRAINER, **overrides})
+
+
+@pytest.fixture(name="tiny_trainer", scope="session")
+def _tiny_trainer_fixture() -> Callable[..., L.Trainer]:
+    return tiny_trainer
+
+
+def tiny_synthetic_datamodule(root: str | Path, **overrides: Any) -> SyntheticPolypDataModule:
+    """The generated polyp data at test size (20 images of 32 px, batches of 2, augmented) under ``root``."""
+    kwargs: dict[str, Any] = {
+        "num_images": 20,
+        "image_size": 32,
+        "batch_size": 2,
+        "labeled_fraction": 0.25,
+        "num_workers": 0,
+        "augment": True,
+    }
+    return SyntheticPolypDataModule(root=str(root), **{**kwargs, **overrides})
+
+
+@pytest.fixture(name="tiny_synthetic_datamodule", scope="session")
+def _tiny_synthetic_datamodule_fixture() -> Callable[..., SyntheticPolypDataModule]:
+    return tiny_synthetic_datamodule
 
 
 def random_semi_batch(n: int = 2, size: int = 32, seed: int = 0) -> SemiSupervisedBatch:

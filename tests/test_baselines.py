@@ -284,23 +284,6 @@ def test_mean_teacher_weight_and_noise_defaults() -> None:
 
 
 # ------------------------------------------------------------------------------ Trainer runs
-def _trainer(tmp_path: Path, max_steps: int = 2, limit_val_batches: int = 1, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        limit_val_batches=limit_val_batches,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kwargs,
-    )
-
-
 MODULES: list[tuple[type, dict[str, Any], tuple[str, ...]]] = [
     (SupervisedModule, {}, ("train/loss", "train/loss_sup")),
     (CPSModule, {}, ("train/loss", "train/loss_sup", "train/loss_cps")),
@@ -315,12 +298,19 @@ MODULES: list[tuple[type, dict[str, Any], tuple[str, ...]]] = [
 @pytest.mark.parametrize(("cls", "kwargs", "train_keys"), MODULES, ids=lambda v: getattr(v, "__name__", ""))
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_trains_validates_and_round_trips(
-    tmp_path: Path, cls: type, kwargs: dict[str, Any], train_keys: tuple[str, ...], precision: str
+    tmp_path: Path,
+    cls: type,
+    kwargs: dict[str, Any],
+    train_keys: tuple[str, ...],
+    precision: str,
+    tiny_trainer: Any,
 ) -> None:
     torch.manual_seed(0)
     module = cls(**_net(lr=1e-2, **kwargs))
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = _trainer(tmp_path, precision=precision)
+    trainer: L.Trainer = tiny_trainer(
+        default_root_dir=tmp_path, max_steps=2, limit_val_batches=1, log_every_n_steps=1, precision=precision
+    )
     trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=4))
     assert trainer.global_step == 2
     metrics = trainer.callback_metrics
@@ -356,11 +346,11 @@ def _state_key(module: nn.Module, net: nn.Module, name: str) -> str:
     raise KeyError(name)
 
 
-def test_mean_teacher_step_is_ema_and_teacher_gets_no_gradient(tmp_path: Path) -> None:
+def test_mean_teacher_step_is_ema_and_teacher_gets_no_gradient(tmp_path: Path, tiny_trainer: Any) -> None:
     torch.manual_seed(0)
     module = MeanTeacherModule(**_net(lr=1e-2, ema_decay=0.99, rampup_steps=2))
     teacher_before = {k: v.detach().clone() for k, v in module.teacher.named_parameters()}
-    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer: L.Trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=1, log_every_n_steps=1)
     trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=4))
     assert trainer.global_step == 1
     moved = False
@@ -384,11 +374,11 @@ def test_mean_teacher_step_is_ema_and_teacher_gets_no_gradient(tmp_path: Path) -
         assert torch.equal(ckpt["state_dict"][f"teacher.{name}"], t)
 
 
-def test_mean_teacher_after_rampup_decay(tmp_path: Path) -> None:
+def test_mean_teacher_after_rampup_decay(tmp_path: Path, tiny_trainer: Any) -> None:
     torch.manual_seed(0)
     module = MeanTeacherModule(**_net(lr=1e-2, rampup_steps=1, ema_decay=0.5, ema_decay_after_rampup=0.9))
     assert module.ema_decay_at(0) == 0.5 and module.ema_decay_at(1) == 0.9
-    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer: L.Trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=2, log_every_n_steps=1)
     trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=4))
     assert trainer.callback_metrics["train/ema_decay"].item() == pytest.approx(0.9)
     assert trainer.callback_metrics["train/cons_weight"].item() == pytest.approx(0.1)

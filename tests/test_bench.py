@@ -350,7 +350,7 @@ def test_lazy_penalty_is_due_every_k_steps_with_weight_k(tiny_net: dict[str, Any
             torch.testing.assert_close(a, b)
 
 
-def test_lazy_penalty_follows_the_trainer_step(tiny_net: dict[str, Any]) -> None:
+def test_lazy_penalty_follows_the_trainer_step(tiny_net: dict[str, Any], tiny_trainer: Any) -> None:
     # The schedule is keyed to global_step, which must advance by one per training step (one optimizer).
     seen: list[tuple[int, bool]] = []
 
@@ -360,15 +360,7 @@ def test_lazy_penalty_follows_the_trainer_step(tiny_net: dict[str, Any]) -> None
             seen.append((step, bool(losses.penalty != 0)))
             return losses
 
-    trainer = L.Trainer(
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer: L.Trainer = tiny_trainer(max_steps=5)
     trainer.fit(Spy(gp_every_n_steps=2, **tiny_net), datamodule=RandomSemiDataModule(size=32, length=10))
     assert seen == [(0, True), (1, False), (2, True), (3, False), (4, True)]
 

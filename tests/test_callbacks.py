@@ -140,13 +140,11 @@ def test_checkpoint_panels_and_picture_in_one_run(tmp_path: Path, tiny_net: dict
         assert image.size == (660, 690)  # 3 tiles of 2.2 in wide; 3 rows of 2.2 in + 0.3 in, at 100 dpi
 
 
-def test_predictions_picture_warns_without_validation(tmp_path: Path, tiny_net: dict[str, Any]) -> None:
+def test_predictions_picture_warns_without_validation(
+    tmp_path: Path, tiny_net: dict[str, Any], tiny_trainer: Any
+) -> None:
     picture = PredictionsPicture(path=str(tmp_path / "p.png"))
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, max_steps=1, limit_val_batches=0, accelerator="cpu", logger=False,
-        callbacks=[picture], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
+    trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=1, callbacks=[picture])
     with pytest.warns(UserWarning, match="no validation batch"):
         trainer.fit(GPCPSModule(**tiny_net), RandomSquaresDataModule(num_train=2))
     assert not (tmp_path / "p.png").exists()

@@ -21,17 +21,12 @@ from gpcps_lightning.checkpointing import (
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_trainer) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+        enable_checkpointing=True,
         plugins=[SafeCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
         default_root_dir=root,

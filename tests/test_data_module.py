@@ -4,6 +4,7 @@ unlabeled masks never decoded, option errors, the synthetic dataset, and a Train
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -407,33 +408,19 @@ def test_synthetic_datamodule_prepare_reuse_and_errors(tmp_path: Path) -> None:
         SyntheticPolypDataModule(root="x", num_images=0)
 
 
-def test_gpcps_trains_on_synthetic_data_with_trainer(tmp_path: Path, one_thread: None) -> None:
+def test_gpcps_trains_on_synthetic_data_with_trainer(
+    tmp_path: Path,
+    one_thread: None,
+    tiny_trainer: Callable[..., L.Trainer],
+    tiny_synthetic_datamodule: Callable[..., SyntheticPolypDataModule],
+) -> None:
     L.seed_everything(0)
-    dm = SyntheticPolypDataModule(
-        root=str(tmp_path / "synth"),
-        num_images=12,
-        min_size=40,
-        max_size=64,
-        image_size=32,
-        batch_size=2,
-        labeled_fraction=0.25,
-        steps_per_epoch=2,
-        num_workers=0,
-        cache=True,
+    dm = tiny_synthetic_datamodule(
+        tmp_path / "synth", num_images=12, min_size=40, max_size=64, steps_per_epoch=2, cache=True
     )
     module = GPCPSModule(**TINY_NET)
     before = [p.detach().clone() for p in module.net1.parameters()]
-    trainer = L.Trainer(
-        max_steps=2,
-        limit_val_batches=1,
-        limit_test_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
+    trainer = tiny_trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1)
     trainer.fit(module, dm)
     assert trainer.global_step == 2 and trainer.current_epoch == 1
     metrics = trainer.callback_metrics
@@ -454,7 +441,9 @@ def test_dataloaders_build_lazily(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_synthetic_dataset_is_learnable_but_not_trivial(tmp_path: Path, one_thread: None) -> None:
+def test_synthetic_dataset_is_learnable_but_not_trivial(
+    tmp_path: Path, one_thread: None, tiny_trainer: Callable[..., L.Trainer]
+) -> None:
     # A short supervised run (ablation row I) must beat the all-foreground predictor's Dice clearly
     # without getting near perfect: the generator's masks match its polyps, and the task is not trivial.
     L.seed_everything(0)
@@ -474,15 +463,7 @@ def test_synthetic_dataset_is_learnable_but_not_trivial(tmp_path: Path, one_thre
         mask = read_mask(pair.mask)
         chance.append(2 * mask.sum() / (mask.size + mask.sum()))
     module = GPCPSModule(lambda_semi=0.0, lambda_grad=0.0, lr=1e-3, **TINY_NET)
-    trainer = L.Trainer(
-        max_steps=120,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
+    trainer = tiny_trainer(max_steps=120, limit_val_batches=1.0)
     trainer.fit(module, dm)
     dice = float(trainer.callback_metrics["val/dice_ensemble"])
     assert dice > float(np.mean(chance)) + 0.15

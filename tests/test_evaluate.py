@@ -44,18 +44,6 @@ pytestmark = [
 SIZE = 32  # training size of the checkpoint
 
 
-def _trainer() -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        max_steps=2,
-    )
-
-
 def _tiff_masks(root: Path) -> Path:
     """Replace the PNG masks of a generated folder by 16-bit TIFFs (0/65535)."""
     for png in sorted((root / "masks").glob("*.png")):
@@ -78,7 +66,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, tiny_trainer: Any) -> Path:
     """A tiny GP-CPS trained two steps on the training draw, saved by the Trainer (datamodule included)."""
     torch.manual_seed(0)
     datamodule = FolderDataModule(
@@ -91,14 +79,16 @@ def checkpoint(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         test_fraction=0.2,
         augment=False,
     )
-    trainer = _trainer()
+    trainer = tiny_trainer(max_steps=2)
     trainer.fit(GPCPSModule(**TINY_NET, lambda_grad=0.0), datamodule=datamodule)
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
     trainer.save_checkpoint(path)
     return path
 
 
-def _test_stage(module: SegmentationModule, root: Path, test: list[str], tmp_path: Path) -> dict[str, float]:
+def _test_stage(
+    trainer: L.Trainer, module: SegmentationModule, root: Path, test: list[str], tmp_path: Path
+) -> dict[str, float]:
     """What `Trainer.test` logs for `module` on the images `test` of `root` (FolderDataModule test split)."""
     names = sorted(p.stem for p in (root / "images").iterdir())
     rest = [n for n in names if n not in test]
@@ -115,21 +105,21 @@ def _test_stage(module: SegmentationModule, root: Path, test: list[str], tmp_pat
         num_workers=0,
         labeled_fraction=0.5,
     )
-    (result,) = _trainer().test(module, datamodule=datamodule, verbose=False)
+    (result,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return dict(result)
 
 
 # ============================================================================ the metric is the library's
 @pytest.mark.parametrize("folder", ["draw", "tiff"])
 def test_per_image_scores_are_the_test_stage_metric(
-    checkpoint: Path, folders: dict[str, Path], folder: str, tmp_path: Path
+    checkpoint: Path, folders: dict[str, Path], folder: str, tmp_path: Path, tiny_trainer: Any
 ) -> None:
     root = folders[folder]
     report = evaluate_checkpoints([checkpoint], [root], "all", batch_size=1, device="cpu")
     assert [r.head for r in report.results] == ["net1", "net2", "ensemble"]
     module = load_module(checkpoint)
     for i, name in enumerate(sorted(p.stem for p in (root / "images").iterdir())):
-        logged = _test_stage(module, root, [name], tmp_path)
+        logged = _test_stage(tiny_trainer(), module, root, [name], tmp_path)
         for result in report.results:
             score = result.images[i]
             assert score.name == name
@@ -155,7 +145,9 @@ def _write(root: Path, name: str, value: int, mask: np.ndarray) -> None:
     Image.fromarray(mask * np.uint8(255)).save(root / "masks" / f"{name}.png")
 
 
-def test_empty_prediction_and_mask_are_left_out_as_the_test_stage_does(tmp_path: Path) -> None:
+def test_empty_prediction_and_mask_are_left_out_as_the_test_stage_does(
+    tmp_path: Path, tiny_trainer: Any
+) -> None:
     empty, rect = np.zeros((30, 40), np.uint8), np.zeros((30, 40), np.uint8)
     rect[5:15, 10:30] = 1  # 200 of 1200 pixels
     root = tmp_path / "data"
@@ -175,10 +167,10 @@ def test_empty_prediction_and_mask_are_left_out_as_the_test_stage_does(tmp_path:
         ("c_bright_empty", 0.0, 0.0),
         ("d_bright_rect", pytest.approx(400 / 1400), pytest.approx(200 / 1200)),
     ]
-    logged = _test_stage(module, root, [p.name for p in pairs], tmp_path)
+    logged = _test_stage(tiny_trainer(), module, root, [p.name for p in pairs], tmp_path)
     assert logged["test/dice_net1"] == pytest.approx((400 / 1400) / 3, abs=1e-6)  # mean of three, not four
     assert logged["test/iou_net1"] == pytest.approx((200 / 1200) / 3, abs=1e-6)
-    assert math.isnan(_test_stage(module, root, ["a_dark_empty"], tmp_path)["test/dice_net1"])
+    assert math.isnan(_test_stage(tiny_trainer(), module, root, ["a_dark_empty"], tmp_path)["test/dice_net1"])
     # A module still attached to its Trainer (as after trainer.test) is scored the same and left as it
     # was: its Trainer, metrics, threshold and mode.
     trainer = module.trainer

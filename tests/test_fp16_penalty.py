@@ -8,6 +8,7 @@ fp32, and check that a skipped fp16 step is reported as skipped.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -59,27 +60,14 @@ def test_fp16_penalty_parameter_gradient_matches_fp32(
     assert agreement["relative_norm_error"] < 0.05, agreement
 
 
-def _fp16_trainer(scaler: torch.amp.GradScaler, steps: int, device: str = "cpu") -> L.Trainer:
-    return L.Trainer(
-        accelerator=device,
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        plugins=[MixedPrecision("16-mixed", device, scaler=scaler)],
-    )
-
-
 def _weights(module: L.LightningModule) -> torch.Tensor:
     return torch.cat([p.detach().flatten().cpu() for p in module.parameters()])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fp16_penalty_changes_the_training_update(device: str) -> None:
+def test_fp16_penalty_changes_the_training_update(
+    device: str, tiny_trainer: Callable[..., L.Trainer]
+) -> None:
     # Same initialisation, data and fusion draws: the update differs only by the penalty's gradient,
     # which fp16 used to drop (the two runs then ended bit-identical).
     results = {}
@@ -87,7 +75,8 @@ def test_fp16_penalty_changes_the_training_update(device: str) -> None:
         L.seed_everything(0, verbose=False)
         module = GPCPSModule(**TINY_NET, lambda_grad=lambda_grad, gradient_clip_val=None)
         scaler = torch.amp.GradScaler(device, init_scale=2.0**8)
-        _fp16_trainer(scaler, steps=2, device=device).fit(module, RandomSemiDataModule())
+        fp16 = MixedPrecision("16-mixed", device, scaler=scaler)
+        tiny_trainer(accelerator=device, max_steps=2, plugins=[fp16]).fit(module, RandomSemiDataModule())
         assert module.fp16_skipped_steps.item() == 0
         results[lambda_grad] = _weights(module)
     assert torch.isfinite(results[LAMBDA_GRAD]).all()
@@ -95,7 +84,7 @@ def test_fp16_penalty_changes_the_training_update(device: str) -> None:
 
 
 def test_fp16_skipped_step_is_reported_and_mean_teacher_keeps_its_teacher(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tiny_trainer: Callable[..., L.Trainer]
 ) -> None:
     returned: list[bool] = []
     real_step = SegmentationModule.optimization_step
@@ -113,7 +102,8 @@ def test_fp16_skipped_step_is_reported_and_mean_teacher_keeps_its_teacher(
     module = MeanTeacherModule(**TINY_NET)
     # An absurd initial scale overflows the first steps; the scaler divides it by 2^30 at each overflow.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60, backoff_factor=2.0**-30)
-    _fp16_trainer(scaler, steps=4).fit(module, RandomSemiDataModule())
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    tiny_trainer(max_steps=4, plugins=[fp16]).fit(module, RandomSemiDataModule())
     skipped = int(module.fp16_skipped_steps.item())
     assert 0 < skipped < 4  # some steps skipped, some not: both branches are exercised
     assert returned == [False] * skipped + [True] * (4 - skipped)

@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import RandomSemiDataModule
+from conftest import RandomSemiDataModule, tiny_trainer
 from lightning.pytorch.callbacks import Callback
 
 from gpcps_lightning.batch import SemiSupervisedBatch
@@ -72,18 +72,7 @@ def _fit(
     module: GPCPSModule, steps: int, precision: str = "32-true", full_census_at: tuple[int, ...] = ()
 ) -> SavedTensorCensus:
     census = SavedTensorCensus(full_census_at)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        precision=precision,  # type: ignore[arg-type]
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[census],
-    )
+    trainer = tiny_trainer(max_steps=steps, precision=precision, callbacks=[census])
     trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=2 * steps))
     return census
 

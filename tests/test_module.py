@@ -21,32 +21,14 @@ from gpcps_lightning.losses import fuse_images
 from gpcps_lightning.methods.base import SegmentationModule
 
 
-def _trainer(tmp_path: Path | None = None, **kwargs: Any) -> L.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-    )
-    if tmp_path is not None:
-        defaults["default_root_dir"] = tmp_path
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
-
-
 def _params(module: GPCPSModule) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def _fit(steps: int = 2, seed: int = 0, **module_kwargs: Any) -> GPCPSModule:
+def _fit(tiny_trainer: Any, steps: int = 2, seed: int = 0, **module_kwargs: Any) -> GPCPSModule:
     L.seed_everything(seed, verbose=False)
     module = GPCPSModule(**TINY_NET, **module_kwargs)
-    _trainer(max_steps=steps).fit(module, RandomSemiDataModule())
+    tiny_trainer(max_steps=steps, deterministic=True).fit(module, RandomSemiDataModule())
     return module
 
 
@@ -114,11 +96,11 @@ def test_penalty_gradient_reaches_both_networks() -> None:
         assert all(pen[i] is not None and pen[i].abs().sum() > 0 for i in trained)
 
 
-def test_parameter_update_changes_when_only_lambda_grad_changes() -> None:
-    base = _fit(lambda_grad=1e-3)
-    again = _fit(lambda_grad=1e-3)
-    without = _fit(lambda_grad=0.0)
-    stronger = _fit(lambda_grad=1e-1)
+def test_parameter_update_changes_when_only_lambda_grad_changes(tiny_trainer: Any) -> None:
+    base = _fit(tiny_trainer, lambda_grad=1e-3)
+    again = _fit(tiny_trainer, lambda_grad=1e-3)
+    without = _fit(tiny_trainer, lambda_grad=0.0)
+    stronger = _fit(tiny_trainer, lambda_grad=1e-1)
     assert torch.equal(_params(base), _params(again))  # the runs are deterministic...
     for other in (without, stronger):  # ...so the difference comes from lambda_grad alone
         for net in ("net1", "net2"):
@@ -195,17 +177,19 @@ def test_authors_variants_run() -> None:
     assert all(math.isfinite(v.item()) for v in (losses.total, losses.sup, losses.penalty, losses.semi))
 
 
-def test_encoder_without_second_derivative_is_a_clear_error() -> None:
+def test_encoder_without_second_derivative_is_a_clear_error(tiny_trainer: Any) -> None:
     module = GPCPSModule(arch="Unet", encoder_name="tu-mobilenetv3_small_050")
     with pytest.raises(RuntimeError, match=r"second derivative.*lambda_grad=0"):
-        _trainer(max_steps=1).fit(module, RandomSemiDataModule())
+        tiny_trainer(max_steps=1, deterministic=True).fit(module, RandomSemiDataModule())
 
 
 # ---------------------------------------------------------------- Trainer, precision, checkpoints
-def test_fit_counts_training_steps_and_logs_every_term(tmp_path: Path) -> None:
+def test_fit_counts_training_steps_and_logs_every_term(tmp_path: Path, tiny_trainer: Any) -> None:
     L.seed_everything(0, verbose=False)
     module = GPCPSModule(**TINY_NET)
-    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=2, val_check_interval=3)
+    trainer = tiny_trainer(
+        default_root_dir=tmp_path, max_steps=3, limit_val_batches=2, val_check_interval=3, deterministic=True
+    )
     trainer.fit(module, RandomSemiDataModule())
     assert trainer.global_step == 3
     metrics = trainer.callback_metrics
@@ -217,39 +201,50 @@ def test_fit_counts_training_steps_and_logs_every_term(tmp_path: Path) -> None:
             assert 0.0 <= value <= 1.0
 
 
-def test_bf16_autocast_step_on_cpu() -> None:
+def test_bf16_autocast_step_on_cpu(tiny_trainer: Any) -> None:
     L.seed_everything(0, verbose=False)
     module = GPCPSModule(**TINY_NET)
     before = _params(module)
-    trainer = _trainer(max_steps=2, precision="bf16-mixed")
+    trainer = tiny_trainer(max_steps=2, precision="bf16-mixed", deterministic=True)
     trainer.fit(module, RandomSemiDataModule())
     assert trainer.global_step == 2
     assert math.isfinite(trainer.callback_metrics["train/loss_grad"].item())
     assert not torch.equal(before, _params(module))
 
 
-def _fp16_fit(init_scale: float, steps: int = 2) -> tuple[GPCPSModule, torch.amp.GradScaler, torch.Tensor]:
+def _fp16_fit(
+    tiny_trainer: Any, init_scale: float, steps: int = 2
+) -> tuple[GPCPSModule, torch.amp.GradScaler, torch.Tensor]:
     L.seed_everything(0, verbose=False)
     module = GPCPSModule(**TINY_NET)
     before = _params(module)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    trainer = _trainer(max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = tiny_trainer(max_steps=steps, plugins=[precision], deterministic=True)
     trainer.fit(module, RandomSemiDataModule())
     return module, scaler, before
 
 
-def test_fp16_nonfinite_input_gradient_skips_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp16_nonfinite_input_gradient_skips_the_step(
+    monkeypatch: pytest.MonkeyPatch, tiny_trainer: Any
+) -> None:
     monkeypatch.setattr(objective_mod, "_nonfinite_flag", lambda g: torch.tensor(float("nan")))
-    module, scaler, before = _fp16_fit(init_scale=2.0**4, steps=2)
+    module, scaler, before = _fp16_fit(tiny_trainer, init_scale=2.0**4, steps=2)
     assert torch.equal(before, _params(module))  # both steps skipped
     assert scaler.get_scale() == 2.0**2  # and the scale backed off twice, as for any overflow
 
 
-def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
+def test_checkpoint_round_trip_and_resume(tmp_path: Path, tiny_trainer: Any) -> None:
     L.seed_everything(0, verbose=False)
     module = GPCPSModule(**TINY_NET, lambda_grad=2e-3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer = tiny_trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        enable_checkpointing=True,
+        callbacks=[checkpoint],
+        deterministic=True,
+    )
     trainer.fit(module, RandomSemiDataModule())
     path = tmp_path / "last.ckpt"
     restored = GPCPSModule.load_from_checkpoint(path)
@@ -261,7 +256,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
     assert len(optimizer_state["param_groups"]) == 2  # one group per network
     assert all(s["step"].item() == 2 for s in optimizer_state["state"].values())
 
-    resumed_trainer = _trainer(tmp_path, max_steps=4)
+    resumed_trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=4, deterministic=True)
     resumed_trainer.fit(restored, RandomSemiDataModule(), ckpt_path=path)
     assert resumed_trainer.global_step == 4
 
@@ -376,9 +371,9 @@ def test_penalty_share_is_the_loss_and_gradient_norm_ratio(monkeypatch: pytest.M
     )
 
 
-def test_penalty_share_changes_nothing_in_training() -> None:
-    plain = _fit(steps=3)
-    measured = _fit(steps=3, penalty_share_every_n_steps=2)
+def test_penalty_share_changes_nothing_in_training(tiny_trainer: Any) -> None:
+    plain = _fit(tiny_trainer, steps=3)
+    measured = _fit(tiny_trainer, steps=3, penalty_share_every_n_steps=2)
     assert torch.equal(_params(plain), _params(measured))
     assert [step for step, _, _ in measured.penalty_share_history] == [0, 2]
     with pytest.raises(ValueError, match="penalty_share_every_n_steps"):

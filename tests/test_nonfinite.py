@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_NET, RandomSemiDataModule
+from conftest import TINY_NET, RandomSemiDataModule, tiny_trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 import gpcps_lightning.losses.baselines as baselines_mod
@@ -18,17 +18,7 @@ from gpcps_lightning import GPCPSModule, MeanTeacherModule
 
 def _fit(module: L.LightningModule, steps: int, **kwargs: Any) -> L.Trainer:
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    trainer = tiny_trainer(max_steps=steps, **kwargs)
     trainer.fit(module, RandomSemiDataModule(length=16))
     return trainer
 

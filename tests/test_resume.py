@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_NET
+from conftest import TINY_NET, tiny_synthetic_datamodule, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gpcps_lightning import GPCPSModule, MeanTeacherModule, SegmentationModule, SyntheticPolypDataModule
@@ -29,16 +29,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _datamodule(root: Path) -> SyntheticPolypDataModule:
     # augmentation on: its random draws are part of what must be replayed
-    return SyntheticPolypDataModule(
-        root=str(root),
-        num_images=20,
-        image_size=32,
-        batch_size=2,
-        labeled_fraction=0.25,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        num_workers=0,
-        augment=True,
-    )
+    return tiny_synthetic_datamodule(root, steps_per_epoch=STEPS_PER_EPOCH, augment=True)
 
 
 def _run(
@@ -55,13 +46,11 @@ def _run(
     else:
         module = method(**TINY_NET)  # GP-CPS: the penalty and pseudo labels use the batch's eps
     checkpoint = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         deterministic=True,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         limit_val_batches=1,
+        num_sanity_val_steps=2,  # Lightning's default, as in real runs
         callbacks=[checkpoint, *(extra_callbacks or [])],
         default_root_dir=out,
         **trainer_kwargs,

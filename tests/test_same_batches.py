@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_NET, random_semi_batch
+from conftest import TINY_NET, random_semi_batch, tiny_synthetic_datamodule, tiny_trainer
 
 from gpcps_lightning import (
     CPSModule,
@@ -36,17 +36,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _datamodule(root: Path, seed: int = 0) -> SyntheticPolypDataModule:
-    return SyntheticPolypDataModule(
-        root=str(root),
-        num_images=20,
-        image_size=32,
-        batch_size=BATCH,
-        labeled_fraction=0.25,
-        steps_per_epoch=2,  # 3 steps cross an epoch boundary
-        num_workers=0,
-        augment=True,
-        seed=seed,
-    )
+    # 2 steps per epoch: the 3 steps of a run cross an epoch boundary
+    return tiny_synthetic_datamodule(root, batch_size=BATCH, steps_per_epoch=2, seed=seed)
 
 
 class _Recorder(L.Callback):
@@ -71,17 +62,7 @@ class _Recorder(L.Callback):
 def _train(module: L.LightningModule, root: Path, global_seed: int, data_seed: int = 0) -> list:
     L.seed_everything(global_seed, verbose=False)
     recorder = _Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=STEPS,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = tiny_trainer(max_steps=STEPS, callbacks=[recorder])
     trainer.fit(module, _datamodule(root, data_seed))
     assert len(recorder.batches) == STEPS
     return recorder.batches

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -37,19 +38,17 @@ class _Probe(L.Callback):
         self.rss.append(_rss_mib())
 
 
-def test_long_run_with_frequent_validation_and_checkpoints(tmp_path: Path) -> None:
+def test_long_run_with_frequent_validation_and_checkpoints(
+    tmp_path: Path, tiny_trainer: Callable[..., L.Trainer]
+) -> None:
     L.seed_everything(0, verbose=False)
     probe = _Probe()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         max_steps=STEPS,
         val_check_interval=EVERY,
         check_val_every_n_epoch=None,
         limit_val_batches=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         default_root_dir=tmp_path,
         plugins=[SafeCheckpointIO()],
         callbacks=[BestCheckpoint(), probe],
