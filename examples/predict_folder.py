@@ -22,7 +22,7 @@ from PIL import Image
 
 from gpcps_lightning.callbacks import PREDICTION_COLOR, overlay_mask
 from gpcps_lightning.data.io import read_image
-from gpcps_lightning.predict import Segmenter, list_images
+from gpcps_lightning.inference.predict import Segmenter, list_images
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule
+from gpcps_lightning.inference.predict import Segmenter
 from gpcps_lightning.methods import (
     CPSModule,
     GPCPSModule,
@@ -12,7 +13,6 @@ from gpcps_lightning.methods import (
     SegmentationModule,
     SupervisedModule,
 )
-from gpcps_lightning.predict import Segmenter
 
 __all__ = [
     "CPSModule",

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "code_version",
     "import_object",
     "moved_attribute",
+    "public_class_path",
     "resize_to_original_sizes",
     "size_pair",
 ]
@@ -103,7 +105,7 @@ def moved_attribute(old_module: str, new_module: str, name: str) -> Any:
     """``new_module.name`` for the module ``__getattr__`` of ``old_module``, with a ``DeprecationWarning``.
 
     Args:
-        old_module: The old import path, e.g. ``"gpcps_lightning.predict"``.
+        old_module: The old import path, e.g. ``"gpcps_lightning.inference.predict"``.
         new_module: Where its contents live now.
         name: The attribute asked for.
 
@@ -120,6 +122,29 @@ def moved_attribute(old_module: str, new_module: str, name: str) -> Any:
         f"{old_module} is deprecated; import {name} from {new_module}.", DeprecationWarning, stacklevel=3
     )
     return getattr(module, name)
+
+
+def public_class_path(path: str) -> str:
+    """The stable name of a class path: ``gpcps_lightning.<Name>`` for a class the package exports.
+
+    A class of ``gpcps_lightning.__all__`` keeps its public name wherever it is defined, so that records
+    stay comparable when the code moves: the legacy ``gpcps_lightning.module.GPCPSModule`` and
+    ``gpcps_lightning.baselines.CPSModule``, the ``gpcps_lightning.methods.*`` modules and
+    ``gpcps_lightning.data.*`` all map to ``gpcps_lightning.<Name>``. Other paths are returned unchanged.
+
+    Args:
+        path: A dotted class path, as records store it.
+    """
+    # The package is loaded whenever this runs (importing any submodule loads it first); looking it up
+    # rather than importing it keeps this bottom layer free of imports of the package.
+    package = sys.modules["gpcps_lightning"]
+
+    module, _, name = path.rpartition(".")
+    if not (module == "gpcps_lightning" or module.startswith("gpcps_lightning.")):
+        return path
+    if name in getattr(package, "__all__", ()) and isinstance(getattr(package, name, None), type):
+        return f"gpcps_lightning.{name}"
+    return path
 
 
 # --------------------------------------------------------------------------- code version

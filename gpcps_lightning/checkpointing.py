@@ -24,7 +24,7 @@ from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpcps_lightning._utils import atomic_path, import_object
+from gpcps_lightning._utils import atomic_path, import_object, public_class_path
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -205,8 +205,11 @@ def read_checkpoint(
             f"{name} was not written by a gpcps_lightning module (no '{CHECKPOINT_KEY}' entry). Load it with "
             "the LightningModule class that wrote it."
         )
+    # Stamps name the class publicly (``gpcps_lightning.GPCPSModule``); older ones name the module it
+    # was defined in (``gpcps_lightning.module.GPCPSModule``), which moved: both mean the same class.
+    meta["class"] = public_class_path(meta["class"])
     if expected_class is not None:
-        wanted = f"{expected_class.__module__}.{expected_class.__qualname__}"
+        wanted = public_class_path(f"{expected_class.__module__}.{expected_class.__qualname__}")
         if meta["class"] != wanted and not _is_subclass_name(meta["class"], expected_class):
             short = meta["class"].rsplit(".", 1)[-1]
             raise ValueError(

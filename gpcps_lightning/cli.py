@@ -1,8 +1,8 @@
 """The ``gpcps`` command line: a :class:`~lightning.pytorch.cli.LightningCLI` with the library's defaults.
 
 ``gpcps fit|validate|test|predict`` take the model and the data as ``class_path``/``init_args`` (any
-:class:`~gpcps_lightning.module.SegmentationModule` subclass and any ``LightningDataModule``), so the same
-YAML files work in a user's own ``LightningCLI``. On top of Lightning's options the command adds:
+:class:`~gpcps_lightning.methods.base.SegmentationModule` subclass and any ``LightningDataModule``), so
+the same YAML files work in a user's own ``LightningCLI``. On top of Lightning's options the command adds:
 
 - ``--checkpoint.*``: :class:`~gpcps_lightning.callbacks.BestCheckpoint` (best by validation Dice of the
   selection head, plus ``last.ckpt``, in ``<default_root_dir>/checkpoints``);
@@ -15,10 +15,10 @@ YAML files work in a user's own ``LightningCLI``. On top of Lightning's options 
 ``--ckpt_path best`` also works in a process that did not train (it takes the newest ``best*.ckpt`` of
 the checkpoint folder), and W&B goes offline with a message when there is no W&B login.
 
-Other commands are dispatched to their modules: ``gpcps bench ...`` (:mod:`gpcps_lightning.bench`),
-``gpcps reproduce ...`` (:mod:`gpcps_lightning.reproduce`), ``gpcps export ...``
-(:mod:`gpcps_lightning.export`) and ``gpcps evaluate ...`` (:mod:`gpcps_lightning.evaluate`); each takes
-``--help``.
+Other commands are dispatched to their modules: ``gpcps bench ...`` (:mod:`gpcps_lightning.tools.bench`),
+``gpcps reproduce ...`` (:mod:`gpcps_lightning.tools.reproduce`), ``gpcps export ...``
+(:mod:`gpcps_lightning.inference.export`) and ``gpcps evaluate ...``
+(:mod:`gpcps_lightning.inference.evaluate`); each takes ``--help``.
 """
 
 from __future__ import annotations
@@ -35,20 +35,21 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from gpcps_lightning._utils import import_object
 from gpcps_lightning._version import __version__
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, PredictionWriter, ValidationImagePanel
 from gpcps_lightning.checkpointing import SafeCheckpointIO, read_checkpoint
 from gpcps_lightning.loggers import resolve_wandb_mode
-from gpcps_lightning.module import SegmentationModule
+from gpcps_lightning.methods.base import SegmentationModule
 
 __all__ = ["EXTRA_COMMANDS", "GPCPSCLI", "main"]
 
 #: Commands run by other modules of the library: name -> (module with a ``main(argv)``, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("gpcps_lightning.bench", "Benchmark training-step speed and memory."),
-    "reproduce": ("gpcps_lightning.reproduce", "Reproduce the paper's tables under one protocol."),
-    "export": ("gpcps_lightning.export", "Export a checkpoint to TorchScript or ONNX."),
-    "evaluate": ("gpcps_lightning.evaluate", "Evaluate checkpoints on other image/mask folders."),
+    "bench": ("gpcps_lightning.tools.bench", "Benchmark training-step speed and memory."),
+    "reproduce": ("gpcps_lightning.tools.reproduce", "Reproduce the paper's tables under one protocol."),
+    "export": ("gpcps_lightning.inference.export", "Export a checkpoint to TorchScript or ONNX."),
+    "evaluate": ("gpcps_lightning.inference.evaluate", "Evaluate checkpoints on other image/mask folders."),
 }
 
 _DESCRIPTION = (
@@ -64,10 +65,9 @@ _EPILOG = "Other commands (each takes --help): " + "; ".join(
 
 
 def _class_from_path(class_path: str) -> type | None:
-    module_name, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
+        cls = import_object(class_path)
+    except ImportError:
         return None  # jsonargparse reports bad class paths itself
     return cls if isinstance(cls, type) else None
 

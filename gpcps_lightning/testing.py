@@ -27,7 +27,7 @@ from gpcps_lightning.inference.predict import Preprocessing, list_images, prepro
 from gpcps_lightning.losses import fuse_images, sample_eps
 
 if TYPE_CHECKING:
-    from gpcps_lightning.module import GPCPSModule
+    from gpcps_lightning.methods.gpcps import GPCPSModule
 
 __all__ = [
     "RandomSquaresDataModule",
@@ -206,7 +206,7 @@ def penalty_parameter_gradient(
             losses = module.compute_losses(batch)
     finally:
         module.active_grad_scaler = previous  # type: ignore[method-assign]
-    penalty = module.lambda_grad * losses.grad
+    penalty = module.lambda_grad * losses.penalty
     scale = loss_scale if fp16 else 1.0
     grads = torch.autograd.grad(penalty * scale, params, allow_unused=True)
     return torch.cat(

@@ -9,7 +9,7 @@ the card's bf16 (and fp32) matrix-multiply rate with a large ``torch.matmul``, a
 step. Everything goes to ``--out`` as JSON (and text tables), each file written as soon as it is measured:
 
 - ``matmul.json``: the measured matmul rates;
-- ``bench_<precision>.json`` / ``.txt``: the benchmark reports (see ``python -m gpcps_lightning.bench``);
+- ``bench_<precision>.json`` / ``.txt``: the benchmark reports (``python -m gpcps_lightning.tools.bench``);
 - ``bench_bf16_channels_last.json`` / ``.txt``;
 - ``profile_bf16/``: operator table, trace and phase timings of the bf16 GP-CPS step;
 - ``summary.json``: the checks below, with the figures they rest on.
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 import torch
 
 from gpcps_lightning import GPCPSModule
-from gpcps_lightning.bench import STEP_KINDS, BenchConfig, format_report, profile_step, run_benchmark
 from gpcps_lightning.testing import fp16_penalty_agreement
+from gpcps_lightning.tools.bench import STEP_KINDS, BenchConfig, format_report, profile_step, run_benchmark
 
 MEMORY_LIMIT_BYTES = 20 * 10**9
 FP16_MIN_COSINE = 0.99

@@ -1,4 +1,4 @@
-"""The benchmark (``python -m gpcps_lightning.bench``), the GPU check script's CPU-runnable parts, and the
+"""The benchmark (``gpcps_lightning.tools.bench``), the GPU check script's CPU-runnable parts, and the
 performance-related mechanisms of the module: the lazy penalty and the non-finite flag."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch import nn
 
 from gpcps_lightning import bench
 from gpcps_lightning.batch import SemiSupervisedBatch
-from gpcps_lightning.bench import BenchConfig, count_step_flops
 from gpcps_lightning.methods.gpcps import GPCPSModule
+from gpcps_lightning.tools.bench import BenchConfig, count_step_flops
 
 TINY_ARGS = [
     "--encoder",

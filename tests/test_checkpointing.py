@@ -10,8 +10,7 @@ import torch
 from conftest import TINY_NET, RandomSemiDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from gpcps_lightning import GPCPSModule
-from gpcps_lightning.baselines import SupervisedModule
+from gpcps_lightning import GPCPSModule, SupervisedModule
 from gpcps_lightning.checkpointing import (
     CHECKPOINT_KEY,
     SafeCheckpointIO,
@@ -37,7 +36,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_trainer) -> Path:
 
 def test_checkpoint_is_stamped_and_reads_weights_only(checkpoint: Path) -> None:
     data = read_checkpoint(checkpoint, expected_class=GPCPSModule)
-    assert data[CHECKPOINT_KEY]["class"] == "gpcps_lightning.methods.gpcps.GPCPSModule"
+    assert data[CHECKPOINT_KEY]["class"] == "gpcps_lightning.GPCPSModule"
     assert "optimizer_states" in data
     module = GPCPSModule.load_from_checkpoint(checkpoint)
     assert isinstance(module, GPCPSModule)
@@ -60,7 +59,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_foreign_checkpoints_are_refused(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"holds a gpcps_lightning.methods.gpcps.GPCPSModule checkpoint.*GPCPSModule\.load"
+        ValueError, match=r"holds a gpcps_lightning.GPCPSModule checkpoint.*GPCPSModule\.load"
     ):
         SupervisedModule.load_from_checkpoint(checkpoint)
     plain = tmp_path / "plain.ckpt"

@@ -20,7 +20,7 @@ from gpcps_lightning import cli as cli_module
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, ValidationImagePanel
 from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.cli import GPCPSCLI, main
-from gpcps_lightning.predict import Segmenter
+from gpcps_lightning.inference.predict import Segmenter
 from gpcps_lightning.testing import read_wandb_run
 
 CONF = Path(__file__).parent / "conf"

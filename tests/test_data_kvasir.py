@@ -294,7 +294,7 @@ def test_regenerating_resources_from_a_copy_gives_the_shipped_split(standin: Pat
 
 
 def test_loader_benchmark_runs(standin: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gpcps_lightning.data.bench_loader import benchmark, main
+    from gpcps_lightning.tools.bench_loader import benchmark, main
 
     rates = benchmark(
         str(standin), cache=True, epochs=2, image_size=8, batch_size=4, num_workers=0, steps_per_epoch=2

@@ -25,7 +25,6 @@ from conftest import TINY_NET
 from test_data_helpers import write_pairs
 
 from gpcps_lightning import EvaluationBatch, GPCPSModule, PredictionBatch, SemiSupervisedBatch
-from gpcps_lightning.baselines import ema_decay_at
 from gpcps_lightning.callbacks import (
     PredictionsPicture,
     PredictionWriter,
@@ -67,10 +66,11 @@ from gpcps_lightning.losses import (
     hard_pseudo_labels,
     soft_dice_loss,
 )
+from gpcps_lightning.losses.baselines import ema_decay_at
 from gpcps_lightning.networks import build_network
-from gpcps_lightning.reproduce import main as reproduce_main
-from gpcps_lightning.reproduce import run_one
 from gpcps_lightning.testing import RandomSquaresDataModule
+from gpcps_lightning.tools.reproduce import main as reproduce_main
+from gpcps_lightning.tools.reproduce import run_one
 from gpcps_lightning.tools.wandb_reader import read_wandb_run
 
 REPO = Path(__file__).resolve().parents[1]

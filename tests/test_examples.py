@@ -41,7 +41,7 @@ def _is_override(path: Path) -> bool:
 
 
 def test_every_config_is_either_standalone_or_an_override() -> None:
-    from gpcps_lightning.provenance import shipped_method_names
+    from gpcps_lightning.tools.provenance import shipped_method_names
 
     configs = _all_configs()
     assert KVASIR_BASE in configs and CONFIGS / "quickstart.yaml" in configs

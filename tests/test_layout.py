@@ -6,6 +6,8 @@ import ast
 import importlib
 import io
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,21 +17,55 @@ import torch
 import gpcps_lightning
 from gpcps_lightning import CPSModule, GPCPSModule, KvasirSEGDataModule, SupervisedModule
 from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
-from gpcps_lightning.provenance import public_class_path, run_settings, settings_differences, settings_id
+from gpcps_lightning.tools.provenance import (
+    public_class_path,
+    run_settings,
+    settings_differences,
+    settings_id,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "gpcps_lightning"
 RECORD = REPO / "docs" / "records" / "fast-cpu" / "gpcps_1of8_seed0.json"
 
-#: What each layer may import from the package (besides itself).
-ALLOWED = {
-    "losses": set(),
-    "methods": {"losses", "batch", "networks", "checkpointing", "_version"},
+#: The layers, bottom first: a module may import the package's modules of its own rank or below, never
+#: above. Deprecated alias modules (``module``, ``predict`` ...) import lazily and are left out.
+RANKS = {
+    "_utils": 0,
+    "_version": 0,
+    "losses": 1,
+    "batch": 1,
+    "networks": 1,
+    "checkpointing": 1,
+    "distributed": 1,
+    "loggers": 1,
+    "data": 2,
+    "methods": 2,
+    "callbacks": 3,
+    "inference": 3,
+    "testing": 3,
+    "__init__": 4,
+    "pipelines": 5,
+    "tools": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+ALIASES = {
+    "_io",
+    "module",
+    "baselines",
+    "predict",
+    "export",
+    "evaluate",
+    "reproduce",
+    "report",
+    "provenance",
+    "bench",
 }
 
 
 def _package_imports(path: Path) -> set[str]:
-    """Top-level modules imported from the package (``gpcps_lightning.<x>``) and third-party roots."""
+    """Every module name imported by ``path`` (absolute imports only; the package uses no relative ones)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
@@ -41,20 +77,46 @@ def _package_imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("layer", sorted(ALLOWED))
-def test_layers_import_downwards_only(layer: str) -> None:
+def _layer(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).parts
+    if parts[-1] == "bench_loader.py" and parts[0] == "data":
+        return "alias"
+    return parts[0].removesuffix(".py") if len(parts) == 1 else parts[0]
+
+
+def test_every_module_has_a_layer() -> None:
+    layers = {_layer(p) for p in PACKAGE.rglob("*.py")} - ALIASES - {"alias"}
+    assert layers <= set(RANKS), sorted(layers - set(RANKS))
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_layers_import_downwards_only(path: Path) -> None:
+    layer = _layer(path)
+    if layer in ALIASES or layer == "alias":
+        return
     problems = []
-    for path in sorted((PACKAGE / layer).glob("*.py")):
-        for name in _package_imports(path):
-            if name.split(".")[0] == "lightning" and layer == "losses":
-                problems.append(f"{path.name} imports {name}")
-            if not name.startswith("gpcps_lightning"):
-                continue
-            parts = name.split(".")
-            target = parts[1] if len(parts) > 1 else "gpcps_lightning"
-            if target != layer and target not in ALLOWED[layer]:
-                problems.append(f"{path.name} imports {name}")
+    for name in _package_imports(path):
+        if layer == "losses" and name.split(".")[0] == "lightning":
+            problems.append(f"imports {name}: the losses are plain torch")
+        if not name.startswith("gpcps_lightning"):
+            continue
+        parts = name.split(".")
+        target = parts[1] if len(parts) > 1 else "__init__"
+        if target in ALIASES:
+            problems.append(f"imports the deprecated alias {name}")
+        elif target != layer and RANKS[target] > RANKS[layer]:
+            problems.append(f"imports {name} (layer {target}, rank {RANKS[target]} > {RANKS[layer]})")
     assert not problems, problems
+
+
+def test_importing_the_package_warns_nothing() -> None:
+    code = (
+        "import importlib, pkgutil, warnings; warnings.simplefilter('error', DeprecationWarning); "
+        "import gpcps_lightning as g; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(g.__path__, 'gpcps_lightning.')]"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- old paths
@@ -71,6 +133,11 @@ OLD_MODULE_NAMES = {
         "ema_decay_at",
         "ema_update",
     ],
+    "gpcps_lightning.reproduce": ["run_one", "main"],
+    "gpcps_lightning.report": ["make_tables"],
+    "gpcps_lightning.provenance": ["settings_id", "code_version"],
+    "gpcps_lightning.bench": ["BenchConfig", "run_benchmark"],
+    "gpcps_lightning.data.bench_loader": ["main"],
 }
 
 
@@ -78,7 +145,7 @@ OLD_MODULE_NAMES = {
 def test_old_module_paths_still_import_with_a_warning(module: str, name: str) -> None:
     old = importlib.import_module(module)
     with pytest.warns(
-        DeprecationWarning, match=rf"{module} is deprecated: import \w+ from gpcps_lightning\.\w+"
+        DeprecationWarning, match=rf"{module} is deprecated[:;] import \w+ from gpcps_lightning\.[\w.]+"
     ):
         value = getattr(old, name)
     if isinstance(value, type) and name in gpcps_lightning.__all__:
@@ -162,18 +229,22 @@ def test_committed_record_compares_equal_to_the_settings_computed_now(tmp_path: 
 
 
 def test_checkpoints_stamped_with_a_legacy_class_path_still_load() -> None:
-    buffer = io.BytesIO()
-    torch.save({"state_dict": {}, CHECKPOINT_KEY: {"class": "gpcps_lightning.module.GPCPSModule"}}, buffer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        buffer.seek(0)
-        read_checkpoint(buffer, expected_class=GPCPSModule)
-        buffer.seek(0)
-        with pytest.raises(ValueError, match=r"holds a gpcps_lightning\.module\.GPCPSModule checkpoint"):
-            read_checkpoint(buffer, expected_class=SupervisedModule)
-    buffer = io.BytesIO()
-    torch.save({"state_dict": {}, CHECKPOINT_KEY: {"class": "gpcps_lightning.baselines.CPSModule"}}, buffer)
-    buffer.seek(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        read_checkpoint(buffer, expected_class=CPSModule)
+    """Old stamps name the module a class was defined in; they load, without a deprecation warning."""
+    for legacy, cls, other in [
+        ("gpcps_lightning.module.GPCPSModule", GPCPSModule, SupervisedModule),
+        ("gpcps_lightning.baselines.CPSModule", CPSModule, GPCPSModule),
+    ]:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {}, CHECKPOINT_KEY: {"class": legacy}}, buffer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            buffer.seek(0)
+            assert read_checkpoint(buffer, expected_class=cls)[CHECKPOINT_KEY]["class"] == public_class_path(
+                legacy
+            )
+            buffer.seek(0)
+            public = f"gpcps_lightning.{cls.__name__}"
+            with pytest.raises(
+                ValueError, match=rf"holds a {public} checkpoint, not a gpcps_lightning\.{other.__name__}"
+            ):
+                read_checkpoint(buffer, expected_class=other)

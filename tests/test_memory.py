@@ -21,7 +21,7 @@ from conftest import RandomSemiDataModule, tiny_trainer
 from lightning.pytorch.callbacks import Callback
 
 from gpcps_lightning.batch import SemiSupervisedBatch
-from gpcps_lightning.module import GPCPSModule
+from gpcps_lightning.methods.gpcps import GPCPSModule
 
 
 class SavedTensorCensus(Callback):

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gpcps_lightning.provenance import (
+from gpcps_lightning.tools.provenance import (
     METHOD_ALIASES,
     code_version,
     file_sha256,
@@ -28,8 +28,8 @@ from gpcps_lightning.provenance import (
     shipped_method_dir,
     shipped_method_names,
 )
-from gpcps_lightning.report import PAPER_TABLE1, load_records, make_tables, sync_doc, t_quantile
-from gpcps_lightning.reproduce import main, record_path
+from gpcps_lightning.tools.report import PAPER_TABLE1, load_records, make_tables, sync_doc, t_quantile
+from gpcps_lightning.tools.reproduce import main, record_path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.md"
@@ -260,7 +260,7 @@ def test_method_config_rejections(tmp_path: Path) -> None:
     ok = load_method_config(write("model: {class_path: GPCPSModule}\ntrainer: {default_root_dir: runs/x}\n"))
     assert ok.name == "m" and not ok.shipped and ok.file == "m.yaml"
 
-    from gpcps_lightning.reproduce import _make_module
+    from gpcps_lightning.tools.reproduce import _make_module
 
     args = argparse.Namespace(arch=None, encoder=None, lr=None, encoder_weights=None)
     for class_path, match in (
@@ -292,7 +292,7 @@ def test_shipped_method_configs_work_from_an_installed_wheel(tmp_path: Path) -> 
     assert shipped == {f"gpcps_lightning/configs/methods/{n}.yaml" for n in shipped_method_names()}
     script = (
         "import gpcps_lightning, json;"
-        "from gpcps_lightning.provenance import code_version, load_method_config, shipped_method_names;"
+        "from gpcps_lightning.tools.provenance import code_version, load_method_config, shipped_method_names;"
         "print(json.dumps([gpcps_lightning.__file__, code_version()['commit'],"
         "[load_method_config(n).class_path for n in shipped_method_names()]]))"
     )
@@ -590,7 +590,7 @@ def test_records_keep_per_image_test_scores_that_average_to_the_test_metric(tiny
 def test_external_folders_are_scored_once_on_the_selected_checkpoint(
     tiny: dict[str, Any], tmp_path: Path
 ) -> None:
-    from gpcps_lightning.evaluate import evaluate_checkpoints
+    from gpcps_lightning.inference.evaluate import evaluate_checkpoints
 
     out = _copy(tiny, tmp_path)
     external = tmp_path / "other_hospital"
@@ -614,8 +614,8 @@ def test_external_folders_are_scored_once_on_the_selected_checkpoint(
 
 
 def test_network_kwargs_reach_the_module_and_its_settings(tmp_path: Path) -> None:
-    from gpcps_lightning.provenance import load_method_config, resolved_init_args
-    from gpcps_lightning.reproduce import _make_module
+    from gpcps_lightning.tools.provenance import load_method_config, resolved_init_args
+    from gpcps_lightning.tools.reproduce import _make_module
 
     kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
     args = argparse.Namespace(
@@ -706,7 +706,7 @@ def test_penalty_share_is_summarised_in_the_record_and_not_a_setting(
 
 
 def test_no_augment_reaches_the_datamodule(tmp_path: Path) -> None:
-    from gpcps_lightning.reproduce import _make_datamodule, _parser
+    from gpcps_lightning.tools.reproduce import _make_datamodule, _parser
 
     common = ["run", "--data", "synthetic", "--data-root", str(tmp_path), "--image-size", "32"]
     assert _make_datamodule(_parser().parse_args(common), 0.25, 0).augment is True

@@ -62,7 +62,7 @@ from gpcps_lightning.inference.predict import (
     load_module,
     parse_checkpoint_arguments,
 )
-from gpcps_lightning.module import SegmentationModule, _segmentation_metrics
+from gpcps_lightning.methods.base import SegmentationModule, _segmentation_metrics
 
 __all__ = [
     "EvaluationReport",

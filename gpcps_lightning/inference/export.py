@@ -37,7 +37,7 @@ from gpcps_lightning.inference.predict import (
     load_module,
     parse_checkpoint_arguments,
 )
-from gpcps_lightning.module import SegmentationModule
+from gpcps_lightning.methods.base import SegmentationModule
 
 __all__ = ["ExportedHead", "export_onnx", "export_torchscript", "main"]
 

@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gpcps_lightning._utils import import_object, resize_to_original_sizes, size_pair
+from gpcps_lightning._utils import import_object, public_class_path, resize_to_original_sizes, size_pair
 from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
 from gpcps_lightning.data.io import list_image_files, resize_image, to_rgb_uint8
 from gpcps_lightning.data.transforms import normalize
-from gpcps_lightning.module import SegmentationModule
+from gpcps_lightning.methods.base import SegmentationModule
 
 __all__ = [
     "ImageLike",
@@ -312,7 +312,7 @@ def load_module(
             "The checkpoint does not record which module class wrote it; pass the class, "
             "e.g. model_class=GPCPSModule."
         )
-    cls = model_class or _checkpoint_class(str(class_path))
+    cls = model_class or _checkpoint_class(public_class_path(str(class_path)))
     module = cls(**hparams)
     if not isinstance(module, SegmentationModule):
         raise TypeError(

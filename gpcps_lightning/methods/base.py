@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from typing import IO, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
+from gpcps_lightning._utils import public_class_path, resize_to_original_sizes
 from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.checkpointing import (
@@ -311,11 +311,10 @@ class SegmentationModule(ManualStepModule):
             if batch.original_masks is None:
                 collection.update((p >= self.threshold).long(), (batch.mask >= 0.5).long())
             else:
-                for i, mask in enumerate(batch.original_masks):
-                    # Resize the probabilities, not the binary prediction, back to the mask's size.
-                    p_i = F.interpolate(
-                        p[i : i + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False
-                    )
+                masks = batch.original_masks
+                resized = resize_to_original_sizes(p, [m.shape[-2:] for m in masks])
+                for mask, p_one in zip(masks, resized, strict=True):
+                    p_i = p_one[None]
                     target = (mask.reshape(p_i.shape) >= 0.5).long()
                     collection.update((p_i >= self.threshold).long(), target)
             self.log_dict(collection, on_step=False, on_epoch=True, batch_size=batch.batch_size)
@@ -348,7 +347,7 @@ class SegmentationModule(ManualStepModule):
         cls = type(self)
         checkpoint[CHECKPOINT_KEY] = {
             "version": __version__,
-            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "class": public_class_path(f"{cls.__module__}.{cls.__qualname__}"),
             "rng": capture_rng_state(),
         }
 

@@ -1,0 +1,690 @@
+"""Reproduce the paper's Tables 1 and 2 under one protocol: ``gpcps reproduce run|table|doc|methods``.
+
+``run`` trains every (method, labeled fraction, seed) combination, selects the checkpoint on the
+validation split, evaluates it once on the test split, and writes one JSON record per run: the run's
+full resolved configuration and the settings compared between runs
+(:mod:`gpcps_lightning.tools.provenance`), the commit of the loaded code, the library versions, the machine
+and the scores. A method is a method config: a shipped one by name (``--methods gpcps``) or a YAML file
+with a LightningCLI ``model:`` block (``--method-config my.yaml``). A finished run (its record exists)
+is reused, and an interrupted one resumed from its ``last.ckpt``, only when its settings are the
+command's; otherwise ``run`` stops before training anything and names the settings that differ.
+``table`` prints the records as tables beside the paper's (:mod:`gpcps_lightning.tools.report`) and a plot;
+``doc`` keeps a markdown file's generated tables equal to that output; ``methods`` lists the shipped
+method configs.
+
+Also available as ``python -m gpcps_lightning.tools.reproduce``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpcps_lightning._utils import atomic_path, import_object
+from gpcps_lightning.tools.provenance import (
+    METHOD_ALIASES,
+    MethodConfig,
+    code_version,
+    file_sha256,
+    library_versions,
+    load_method_config,
+    resolved_init_args,
+    run_settings,
+    settings_differences,
+    settings_id,
+    shipped_method_dir,
+    shipped_method_names,
+    split_files,
+    strip_local_paths,
+)
+from gpcps_lightning.tools.report import FRACTION_NAMES, load_records, make_plot, make_tables, sync_doc
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "RECORD_SCHEMA",
+    "load_records",
+    "main",
+    "make_tables",
+    "record_path",
+    "run_one",
+]
+
+#: Methods ``run`` trains when neither ``--methods`` nor ``--method-config`` is given.
+DEFAULT_METHODS = ("supervised", "gpcps")
+#: Version of the record layout (2: settings, full configuration, code and versions).
+RECORD_SCHEMA = 2
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU only: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _fraction_key(fraction: float) -> str:
+    return FRACTION_NAMES.get(fraction, f"{fraction:g}").replace("/", "of")
+
+
+def record_path(out: Path, method: str, fraction: float, seed: int) -> Path:
+    """Where the JSON record of one run lives."""
+    return out / "records" / f"{method}_{_fraction_key(fraction)}_seed{seed}.json"
+
+
+def _run_dir(out: Path, method: str, fraction: float, seed: int) -> Path:
+    return out / "runs" / method / _fraction_key(fraction) / f"seed{seed}"
+
+
+# ----------------------------------------------------------------------------- building a run
+def _make_datamodule(args: argparse.Namespace, fraction: float, seed: int) -> Any:
+    common: dict[str, Any] = dict(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        labeled_fraction=fraction,
+        num_workers=args.num_workers,
+        cache=True,
+        seed=seed,
+        eval_at_original_size=not args.eval_at_training_size,
+        augment=not getattr(args, "no_augment", False),
+    )
+    if args.steps_per_epoch is not None:
+        common["steps_per_epoch"] = args.steps_per_epoch
+    if args.data == "kvasir":
+        from gpcps_lightning.data import KvasirSEGDataModule
+
+        return KvasirSEGDataModule(root=args.data_root, download=args.download, **common)
+    from gpcps_lightning.data import SyntheticPolypDataModule
+
+    return SyntheticPolypDataModule(root=args.data_root, num_images=args.synthetic_images, **common)
+
+
+def _module_class(config: MethodConfig) -> type:
+    from gpcps_lightning.methods.base import SegmentationModule
+
+    path = config.class_path if "." in config.class_path else f"gpcps_lightning.{config.class_path}"
+    try:
+        cls = import_object(path)
+    except ImportError as err:
+        raise ValueError(
+            f"Method config {config.file}: class_path {config.class_path!r} cannot be imported ({err}); give "
+            "the full class path, e.g. gpcps_lightning.GPCPSModule."
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationModule)):
+        raise ValueError(
+            f"Method config {config.file}: {config.class_path!r} is not a SegmentationModule subclass, which "
+            "the runner needs (its heads, metrics and selection head)."
+        )
+    return cls
+
+
+def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> Any:
+    import inspect
+
+    cls = _module_class(config)
+    kwargs: dict[str, Any] = dict(config.init_args)
+    # The command line overrides the method config only where it is given.
+    for option, name in (("arch", "arch"), ("encoder", "encoder_name"), ("lr", "lr")):
+        if getattr(args, option, None) is not None:
+            kwargs[name] = getattr(args, option)
+    if getattr(args, "network_kwargs", None) is not None:
+        kwargs["network_kwargs"] = dict(args.network_kwargs)
+    share_every = getattr(args, "penalty_share_every", None)
+    if share_every is not None and "penalty_share_every_n_steps" in inspect.signature(cls).parameters:
+        kwargs["penalty_share_every_n_steps"] = share_every
+    weights = getattr(args, "encoder_weights", None)
+    if weights is not None:
+        kwargs["encoder_weights"] = None if weights.lower() == "none" else weights
+    # Different runs differ in their seeds only: network initialisation included.
+    parameters = set(inspect.signature(cls).parameters)
+    if "seeds" in parameters:
+        kwargs["seeds"] = (2 * seed + 1, 2 * seed + 2)
+    elif "network_seed" in parameters:
+        kwargs["network_seed"] = 2 * seed + 1
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"Method config {config.file}: {cls.__name__} does not take these arguments ({err}); fix "
+            "`model.init_args`."
+        ) from err
+
+
+@dataclass
+class _Run:
+    """One (method, fraction, seed) of a command, built: what it would train and where it goes."""
+
+    config: MethodConfig
+    fraction: float
+    seed: int
+    module: Any
+    datamodule: Any
+    settings: dict[str, Any]
+    target: Path
+    run_dir: Path
+
+
+def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float, seed: int) -> _Run:
+    import lightning as L
+
+    config = method if isinstance(method, MethodConfig) else load_method_config(method)
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = _make_module(config, args, seed)
+    datamodule = _make_datamodule(args, fraction, seed)
+    settings = run_settings(
+        module, datamodule, max_steps=args.max_steps, val_every=args.val_every, precision=args.precision
+    )
+    out = Path(args.out)
+    return _Run(
+        config,
+        fraction,
+        seed,
+        module,
+        datamodule,
+        settings,
+        record_path(out, config.name, fraction, seed),
+        _run_dir(out, config.name, fraction, seed),
+    )
+
+
+def _reusable_record(run: _Run) -> dict[str, Any] | None:
+    """The finished record if it may stand for this command; ``None`` if the run is to train (or resume).
+
+    Raises:
+        ValueError: If the record, or the interrupted run in the run folder, has other settings (or none).
+    """
+    if run.target.exists():
+        try:
+            record = json.loads(run.target.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"Run record {run.target} is not valid JSON ({err}); delete it to rerun that run."
+            ) from err
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise ValueError(
+                f"Run record {run.target} holds no settings (an older runner wrote it), so it cannot be "
+                "checked against this command: delete it to rerun that run, or pass another --out."
+            )
+        differences = settings_differences(record["settings"], run.settings)
+        if differences:
+            raise ValueError(
+                f"Run record {run.target} was made with other settings than this command: "
+                f"{'; '.join(differences)}. It cannot stand for this command: pass another --out for these "
+                "settings, or delete the record to rerun that run with them."
+            )
+        return record
+    if (run.run_dir / "checkpoints" / "last.ckpt").exists():
+        stored = run.run_dir / "settings.json"
+        try:
+            recorded = json.loads(stored.read_text())["settings"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"Run folder {run.run_dir} holds an interrupted run (checkpoints/last.ckpt) without readable "
+                "settings (settings.json; an older runner wrote it), so resuming it cannot be checked "
+                "against this command: delete the folder to start that run afresh, or pass another --out."
+            ) from None
+        differences = settings_differences(recorded, run.settings)
+        if differences:
+            raise ValueError(
+                f"Run folder {run.run_dir} holds an interrupted run with other settings than this command: "
+                f"{'; '.join(differences)}. Resuming it would mix two settings in one run: pass another "
+                "--out for these settings, or delete the folder to start that run afresh."
+            )
+    return None
+
+
+def _metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for r in results:
+        merged.update({k: float(v) for k, v in r.items()})
+    return merged
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def run_one(
+    args: argparse.Namespace, method: str | MethodConfig, fraction: float, seed: int
+) -> dict[str, Any]:
+    """Train, select on val, test once, and write the record of one run (or return the finished one).
+
+    Args:
+        args: The parsed options of ``gpcps reproduce run``.
+        method: A shipped method's name or a :class:`~gpcps_lightning.tools.provenance.MethodConfig`.
+        fraction: Labeled fraction.
+        seed: Seed of the run (data order, draws, network initialisation).
+
+    Returns:
+        The run's record.
+
+    Raises:
+        ValueError: On an unknown method, a bad method config, or a finished record / interrupted run
+            whose settings differ from this command's (the message names the settings).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gpcps_lightning.checkpointing import SafeCheckpointIO
+
+    config = method if isinstance(method, MethodConfig) else load_method_config(method)
+    run = _build(args, config, fraction, seed)
+    finished = _reusable_record(run)
+    if finished is not None:
+        missing = [d for d in _external_folders(args) if Path(d).name not in finished.get("external", {})]
+        if missing:
+            _add_external_from_checkpoint(finished, run, missing)
+            with atomic_path(run.target) as tmp:
+                tmp.write_text(json.dumps(finished, indent=2, sort_keys=True) + "\n")
+        return finished
+    module, datamodule = run.module, run.datamodule
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    resumed = last.exists()
+    # The code that trains: read before training, as the checkout may move on meanwhile.
+    code, versions = code_version(), library_versions()
+    started: dict[str, Any] = {"settings": run.settings, "code": code, "versions": versions}
+    if resumed:
+        started = json.loads((run.run_dir / "settings.json").read_text())
+    else:
+        with atomic_path(run.run_dir / "settings.json") as tmp:
+            tmp.write_text(json.dumps(started, indent=2, sort_keys=True))
+    monitor = f"val/dice_{module.selection_head}"
+    checkpoint = ModelCheckpoint(
+        dirpath=run.run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.max_steps,
+        check_val_every_n_epoch=None,
+        val_check_interval=args.val_every,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint],
+        logger=CSVLogger(run.run_dir, name="logs"),
+        plugins=[SafeCheckpointIO()],
+        enable_progress_bar=args.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=run.run_dir,
+    )
+    clock = time.perf_counter()
+    trainer.fit(module, datamodule, ckpt_path=str(last) if resumed else None)
+    train_seconds = time.perf_counter() - clock
+    best = checkpoint.best_model_path
+    folder = (run.run_dir / "checkpoints").resolve()
+    if not best or Path(best).resolve().parent != folder:  # a resumed run whose --out folder was moved
+        best = str(folder / "best.ckpt") if (folder / "best.ckpt").exists() else str(last)
+    val = _metrics(trainer.validate(module, datamodule, ckpt_path=best, verbose=False))
+    test = _metrics(trainer.test(module, datamodule, ckpt_path=best, verbose=False))
+    # trainer.test loaded the selected checkpoint into `module`: score it image by image.
+    test_images = _per_image(module, datamodule.test_dataset.pairs, datamodule)
+    external = {Path(d).name: _external_entry(module, d, datamodule) for d in _external_folders(args)}
+    split = datamodule.split
+    height, width = datamodule.image_size
+    record: dict[str, Any] = {
+        "schema": RECORD_SCHEMA,
+        "method": config.name,
+        "label": config.label,
+        "fraction": fraction,
+        "seed": seed,
+        "settings_id": settings_id(run.settings),
+        "settings": run.settings,
+        "method_config": config.describe(),
+        "config": strip_local_paths(
+            {
+                "model": {"class_path": _class_path(module), "init_args": resolved_init_args(module)},
+                "data": {"class_path": _class_path(datamodule), "init_args": resolved_init_args(datamodule)},
+                "trainer": {
+                    "accelerator": args.accelerator,
+                    "devices": 1,
+                    "precision": args.precision,
+                    "max_steps": args.max_steps,
+                    "val_check_interval": args.val_every,
+                    "check_val_every_n_epoch": None,
+                    "num_sanity_val_steps": 0,
+                },
+                "checkpoint": {
+                    "monitor": monitor,
+                    "mode": "max",
+                    "selected_on": "val",
+                    "reported_on": "test",
+                },
+            }
+        ),
+        "resolved": {
+            "steps_per_epoch": datamodule.train_steps_per_epoch,
+            "images": {
+                "labeled": len(split.labeled),
+                "unlabeled": len(split.unlabeled),
+                "val": len(split.val),
+                "test": len(split.test),
+            },
+            "evaluation_size": (
+                "original" if datamodule.eval_at_original_size else f"training size {height}x{width}"
+            ),
+            "precision": str(trainer.precision),
+            "accelerator": type(trainer.accelerator).__name__,
+        },
+        "split_files": {
+            role: {"file": path.name, "sha256": file_sha256(path)}
+            for role, path in split_files(datamodule).items()
+        },
+        "code": code,
+        "versions": versions,
+        "machine": _machine(),
+        "wall_time_s": round(train_seconds, 1),
+        # a resumed run's wall time covers the part after the interruption only
+        "resumed": resumed,
+        "best_step": _read_step(best),
+        "selection_head": module.selection_head,
+        "val": {k.removeprefix("val/"): v for k, v in val.items()},
+        "test": {k.removeprefix("test/"): v for k, v in test.items()},
+        # Per-image test scores of every head ([name, dice, iou]; null where prediction and mask are both
+        # empty), for intervals over images.
+        "test_images": test_images,
+    }
+    if external:
+        record["external"] = external
+    history = getattr(module, "penalty_share_history", None)
+    if history:
+        record["diagnostics"] = {"penalty_share": _share_summary(history, resumed)}
+    if resumed:
+        record["code_at_start"] = started.get("code")
+        record["versions_at_start"] = started.get("versions")
+    with atomic_path(run.target) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def _share_summary(history: Sequence[tuple[int, float, float]], resumed: bool) -> dict[str, Any]:
+    """Median, mean, min and max of the penalty's measured loss and gradient-norm shares."""
+
+    def stats(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return {"median": median, "mean": sum(values) / len(values), "min": ordered[0], "max": ordered[-1]}
+
+    return {
+        "steps": [step for step, _, _ in history],
+        "loss": stats([loss for _, loss, _ in history]),
+        "grad_norm": stats([grad for _, _, grad in history]),
+        # a resumed run measured only the steps after the interruption
+        "complete": not resumed,
+    }
+
+
+def _external_folders(args: argparse.Namespace) -> list[str]:
+    folders = list(getattr(args, "external", None) or [])
+    names = [Path(d).name for d in folders]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"--external folders are recorded by their folder name, and {duplicates} occur twice; rename one."
+        )
+    return folders
+
+
+def _per_image(module: Any, pairs: Sequence[Any], datamodule: Any) -> dict[str, list[list[Any]]]:
+    from gpcps_lightning.inference.evaluate import evaluate_module
+    from gpcps_lightning.inference.predict import Preprocessing
+
+    scores = evaluate_module(
+        module, pairs, Preprocessing.from_datamodule(datamodule), heads="all", device=module.device
+    )
+    return {head: [[s.name, s.dice, s.iou] for s in values] for head, values in scores.items()}
+
+
+def _summary(images: dict[str, list[list[Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for head, rows in images.items():
+        dice = [r[1] for r in rows if r[1] is not None]
+        iou = [r[2] for r in rows if r[2] is not None]
+        out[f"dice_{head}"] = sum(dice) / len(dice) if dice else None
+        out[f"iou_{head}"] = sum(iou) / len(iou) if iou else None
+    return out
+
+
+def _external_entry(module: Any, folder: str, datamodule: Any) -> dict[str, Any]:
+    """Scores of the selected checkpoint (already in ``module``) on one external image/mask folder."""
+    from gpcps_lightning.inference.evaluate import read_evaluation_folder
+
+    images = _per_image(module, read_evaluation_folder(folder), datamodule)
+    return {"folder": Path(folder).name, **_summary(images), "images": images}
+
+
+def _add_external_from_checkpoint(record: dict[str, Any], run: _Run, folders: Sequence[str]) -> None:
+    """Score a finished run's selected checkpoint on folders its record does not hold yet."""
+    from gpcps_lightning.checkpointing import read_checkpoint
+
+    best = run.run_dir / "checkpoints" / "best.ckpt"
+    if not best.exists():
+        raise ValueError(
+            f"Run record {run.target} holds no scores for --external {', '.join(map(str, folders))}, and the "
+            f"run's selected checkpoint {best} is gone: delete the record to rerun that run, or leave those "
+            "folders out."
+        )
+    module = run.module
+    module.load_state_dict(read_checkpoint(best)["state_dict"])
+    run.datamodule.setup("test")
+    external = record.setdefault("external", {})
+    for folder in folders:
+        external[Path(folder).name] = _external_entry(module, folder, run.datamodule)
+
+
+def _read_step(path: str) -> int:
+    from gpcps_lightning.checkpointing import read_checkpoint
+
+    try:
+        return int(read_checkpoint(path).get("global_step", -1))
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+# ----------------------------------------------------------------------------- command line
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpcps reproduce", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="train, select on val, test once, write JSON records",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = run.add_argument
+    add(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=shipped_method_names() + sorted(METHOD_ALIASES),
+        metavar="NAME",
+        help="shipped method configs to train (`gpcps reproduce methods` lists them); default: "
+        f"{' '.join(DEFAULT_METHODS)} unless --method-config is given",
+    )
+    add(
+        "--method-config",
+        nargs="+",
+        default=None,
+        metavar="YAML",
+        help="method config files (a LightningCLI `model:` block), each a method named by its file stem",
+    )
+    add(
+        "--fractions",
+        nargs="+",
+        type=float,
+        default=[0.125],
+        help="labeled fractions of the 800 train images",
+    )
+    add(
+        "--seeds", nargs="+", type=int, default=[0], help="one run per seed (data order, draws, network init)"
+    )
+    add("--max-steps", type=int, default=5000, help="training steps per run (paper: 5000)")
+    add("--val-every", type=int, default=50, help="validate every N training steps (paper epoch: 50)")
+    add("--steps-per-epoch", type=int, default=None, help="epoch length; None: ceil(800 / batch size)")
+    add("--image-size", type=int, default=256, help="training size in pixels (paper: 256)")
+    add("--batch-size", type=int, default=16, help="labeled and unlabeled images per step, each (paper: 16)")
+    add("--arch", default=None, help="smp architecture; None: the method config's, else Unet")
+    add("--encoder", default=None, help="smp encoder; None: the method config's, else resnet34")
+    add(
+        "--encoder-weights",
+        default=None,
+        help="encoder weights (imagenet), or none for random init; None: the method config's, else random",
+    )
+    add("--lr", type=float, default=None, help="Adam learning rate; None: the method config's, else 1e-4")
+    add("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
+    add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    add("--num-workers", type=int, default=None, help="data loader workers; None: the datamodule's default")
+    add("--data", choices=["kvasir", "synthetic"], default="kvasir", help="Kvasir-SEG or generated polyps")
+    add("--data-root", default="data/kvasir-seg", help="dataset folder")
+    add("--download", action="store_true", help="download Kvasir-SEG into --data-root if missing")
+    add("--synthetic-images", type=int, default=400, help="size of the generated dataset (--data synthetic)")
+    add("--no-augment", action="store_true", help="train without augmentation (the authors' code has none)")
+    add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
+    add("--out", default="runs/reproduce", help="folder for records/ and runs/")
+    add("--progress-bar", action="store_true", help="show Lightning's progress bar")
+    add(
+        "--network-kwargs",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="further smp.create_model arguments as JSON, e.g. "
+        '\'{"encoder_depth": 3, "decoder_channels": [32, 16, 8]}\'; None: the method config\'s',
+    )
+    add(
+        "--penalty-share-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GP-CPS: measure the penalty's share of the loss and of the parameter-gradient norm every N "
+        "penalty steps (two extra backward passes there; training unchanged); summarised in the record",
+    )
+    add(
+        "--external",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="image/mask folders (images/ + masks/) on which each run's selected checkpoint is also scored, "
+        "once, after selection on val (recorded under `external`, by folder name)",
+    )
+    table = sub.add_parser(
+        "table", help="markdown tables (beside the paper's) and a plot from the JSON records"
+    )
+    table.add_argument("records", help="the --out folder of `run` (or a folder of records)")
+    table.add_argument("--markdown", default=None, help="write the tables here (default: print)")
+    table.add_argument("--plot", default=None, help="write the Dice-vs-fraction plot here (PNG)")
+    doc = sub.add_parser(
+        "doc",
+        help="regenerate the generated table blocks of a markdown file (e.g. docs/results.md) from records",
+    )
+    doc.add_argument("path", help="the markdown file; its blocks name their records folder")
+    doc.add_argument("--check", action="store_true", help="only compare; exit 1 if a block differs")
+    doc.add_argument(
+        "--base", default=None, help="folder the blocks' record folders are relative to (default: .)"
+    )
+    sub.add_parser("methods", help="list the shipped method configs")
+    return parser
+
+
+def _method_configs(args: argparse.Namespace) -> list[MethodConfig]:
+    names = args.methods if args.methods is not None else ([] if args.method_config else DEFAULT_METHODS)
+    configs = [load_method_config(n) for n in names]
+    configs += [load_method_config(Path(p)) for p in args.method_config or []]
+    unique: dict[str, MethodConfig] = {}
+    for config in configs:
+        known = unique.setdefault(config.name, config)
+        if known.sha256 != config.sha256:
+            raise SystemExit(
+                f"gpcps reproduce: two different method configs are named {config.name!r} (a method is named "
+                "by its file); rename one of the files."
+            )
+    return list(unique.values())
+
+
+def _list_methods() -> int:
+    folder = shipped_method_dir()
+    aliases = {target: alias for alias, target in METHOD_ALIASES.items()}
+    print(f"Shipped method configs ({folder}):")
+    for name in shipped_method_names():
+        config = load_method_config(name)
+        alias = f" (also: {aliases[name]})" if name in aliases else ""
+        arguments = f" {config.init_args}" if config.init_args else ""
+        print(f"  {name:<15} {config.label}: {config.class_path}{arguments}{alias}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``gpcps reproduce``."""
+    args = _parser().parse_args(argv)
+    if args.command == "methods":
+        return _list_methods()
+    if args.command == "table":
+        records = load_records(args.records)
+        text = make_tables(records)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        else:
+            sys.stdout.write(text)
+        if args.plot:
+            make_plot(records, args.plot)
+        return 0
+    if args.command == "doc":
+        stale = sync_doc(args.path, check=args.check, base=args.base)
+        for folder in stale:
+            if args.check:
+                print(
+                    f"gpcps reproduce doc: {args.path}: the block of {folder} differs from its records; "
+                    f"`gpcps reproduce doc {args.path}` regenerates it",
+                    flush=True,
+                )
+            else:
+                print(f"gpcps reproduce doc: {args.path}: regenerated the block of {folder}", flush=True)
+        return 1 if args.check and stale else 0
+    for value, name in (
+        (args.max_steps, "--max-steps"),
+        (args.val_every, "--val-every"),
+        (args.batch_size, "--batch-size"),
+    ):
+        if value < 1:
+            raise SystemExit(f"gpcps reproduce: {name} must be a positive integer, got {value}.")
+    for fraction in args.fractions:
+        if not 0 < fraction < 1 or not math.isfinite(fraction):
+            raise SystemExit(f"gpcps reproduce: --fractions must lie in (0, 1), got {fraction}.")
+    configs = _method_configs(args)
+    out = Path(args.out)
+    grid = [(c, f, s) for f in args.fractions for s in args.seeds for c in configs]
+    # Check every finished or interrupted run first: a mismatch stops the command before hours of training.
+    for config, fraction, seed in grid:
+        done = record_path(out, config.name, fraction, seed).exists()
+        if done or (_run_dir(out, config.name, fraction, seed) / "checkpoints" / "last.ckpt").exists():
+            _reusable_record(_build(args, config, fraction, seed))
+    for config, fraction, seed in grid:
+        done = record_path(out, config.name, fraction, seed).exists()
+        state = "done, settings match, skipped" if done else "running"
+        print(f"[reproduce] {config.name} fraction={fraction} seed={seed}: {state}", flush=True)
+        record = run_one(args, config, fraction, seed)
+        head = record["selection_head"]
+        print(
+            f"[reproduce] {config.name} fraction={fraction} seed={seed} settings={record['settings_id']}: "
+            f"test dice_{head}={100 * record['test'][f'dice_{head}']:.2f} ({record['wall_time_s']} s)",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
