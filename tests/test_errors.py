@@ -791,7 +791,7 @@ def test_testing_helper_rejections(tmp_path: Path) -> None:
 def test_bench_rejections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from gpcps_lightning import bench
+    from gpcps_lightning.tools import bench
 
     config = bench.BenchConfig(
         encoder_name="tu-resnet18",
