@@ -196,6 +196,16 @@ def test_python_m_runs_the_command_line(module: str) -> None:
     assert done.stdout.startswith("usage: gpcps bench")
 
 
+def test_worker_imports_this_copy_of_the_package() -> None:
+    from gpcps_lightning.tools.bench.runner import _package_root
+
+    # The worker process gets this folder first on its PYTHONPATH, so that it runs this very copy.
+    assert (
+        Path(_package_root(), "gpcps_lightning", "__init__.py").resolve()
+        == Path(bench.__file__).resolve().parents[2] / "__init__.py"
+    )
+
+
 def test_benchmark_isolated_worker_subprocess() -> None:
     # On the CPU each kind runs in a fresh process so that peak RSS is its own.
     report = bench.run_benchmark(tiny_config(), ["supervised"], isolate=True)
