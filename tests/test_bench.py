@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,9 @@ import torch
 from conftest import RandomSemiDataModule, random_semi_batch
 from torch import nn
 
-from gpcps_lightning import bench
 from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.methods.gpcps import GPCPSModule
+from gpcps_lightning.tools import bench
 from gpcps_lightning.tools.bench import BenchConfig, count_step_flops
 
 TINY_ARGS = [
@@ -183,6 +185,25 @@ def test_benchmark_all_kinds_in_process(tmp_path: Path, capsys: pytest.CaptureFi
     }
     assert report["config"]["precision"] == "32"
     assert report["environment"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("module", ["gpcps_lightning.tools.bench", "gpcps_lightning.bench"])
+def test_python_m_runs_the_command_line(module: str) -> None:
+    # The package runs through its __main__; the deprecated module forwards to it with runpy.
+    cmd = [sys.executable, "-m", module, "--help"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: gpcps bench")
+
+
+def test_worker_imports_this_copy_of_the_package() -> None:
+    from gpcps_lightning.tools.bench.runner import _package_root
+
+    # The worker process gets this folder first on its PYTHONPATH, so that it runs this very copy.
+    assert (
+        Path(_package_root(), "gpcps_lightning", "__init__.py").resolve()
+        == Path(bench.__file__).resolve().parents[2] / "__init__.py"
+    )
 
 
 def test_benchmark_isolated_worker_subprocess() -> None:

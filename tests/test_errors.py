@@ -100,12 +100,12 @@ NOT_CATALOGUED = {
         "AttributeError",
     ): "Python's own message for a name a module does not have",
     (
-        "bench.py",
+        "tools/bench/profiling.py",
         "profile_step",
         "RuntimeError",
     ): "internal: the profiling window is sized from the steps run",
     (
-        "bench.py",
+        "tools/bench/lightning_kinds.py",
         "_module_kwargs",
         "ValueError",
     ): "internal: reached only through run_kind, which checks first",
@@ -791,7 +791,7 @@ def test_testing_helper_rejections(tmp_path: Path) -> None:
 def test_bench_rejections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from gpcps_lightning import bench
+    from gpcps_lightning.tools import bench
 
     config = bench.BenchConfig(
         encoder_name="tu-resnet18",
@@ -811,6 +811,6 @@ def test_bench_rejections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ValueError, match="--profile-kind must be a Lightning step kind, got 'plain'"):
         bench.profile_step(config, tmp_path, kind="plain")
     failed = subprocess.CompletedProcess(args=[], returncode=3, stdout="", stderr="worker exploded")
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: failed)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(RuntimeError, match=r"worker for step kind 'cps' failed \(exit 3\):\nworker exploded"):
         bench._run_kind_isolated("cps", config, threads=1)

@@ -1,0 +1,118 @@
+"""The Lightning step kinds: :class:`~gpcps_lightning.GPCPSModule` in a real :class:`lightning.Trainer`.
+
+A callback takes the time at the start of every training batch, so a step includes everything the Trainer
+does per step (logging included).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from gpcps_lightning.batch import SemiSupervisedBatch
+from gpcps_lightning.methods.gpcps import GPCPSModule
+from gpcps_lightning.tools.bench.batches import _CycleDataset, _identity
+from gpcps_lightning.tools.bench.config import _LAMBDA_GRAD, _LAMBDA_SEMI, _SEEDS, STEP_KINDS, BenchConfig
+from gpcps_lightning.tools.bench.measure import (
+    KindResult,
+    _finish,
+    _flop_counter,
+    _memory_start,
+    _n_flop_steps,
+    _n_timed_steps,
+    _synchronize,
+)
+
+_LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def _module_kwargs(kind: str, config: BenchConfig) -> dict[str, Any]:
+    if kind == "supervised":
+        return {"lambda_grad": 0.0, "lambda_semi": 0.0}
+    if kind == "cps":
+        return {"lambda_grad": 0.0, "lambda_semi": _LAMBDA_SEMI}
+    if kind == "gpcps":
+        return {"lambda_grad": _LAMBDA_GRAD, "lambda_semi": _LAMBDA_SEMI}
+    if kind == "gpcps_lazy":
+        return {"lambda_grad": _LAMBDA_GRAD, "lambda_semi": _LAMBDA_SEMI, "gp_every_n_steps": config.lazy_k}
+    raise ValueError(f"Unknown step kind {kind!r}; choose from {', '.join(STEP_KINDS)}.")
+
+
+class _StepRecorder(Callback):
+    """Takes the time at every training-batch start and counts FLOPs of the first steps."""
+
+    def __init__(self, device: torch.device, n_flop_steps: int) -> None:
+        self.device = device
+        self.n_flop_steps = n_flop_steps
+        self.starts: list[float] = []
+        self.flops: list[int] = []
+        self.memory_before: int | None = None
+        self._counter: FlopCounterMode | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _synchronize(self.device)
+        self.memory_before = _memory_start(self.device)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        _synchronize(self.device)
+        self.starts.append(time.perf_counter())
+        if len(self.starts) <= self.n_flop_steps:
+            self._counter = _flop_counter()
+            self._counter.__enter__()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops.append(int(self._counter.get_total_flops()))
+            self._counter = None
+
+
+def _trainer(config: BenchConfig, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+    device = config.torch_device
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision=_LIGHTNING_PRECISION[config.precision],  # type: ignore[arg-type]
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        benchmark=config.cudnn_benchmark if device.type == "cuda" else None,
+        callbacks=callbacks,
+    )
+
+
+def _lightning_module(kind: str, config: BenchConfig) -> GPCPSModule:
+    module = GPCPSModule(seeds=_SEEDS, **_module_kwargs(kind, config), **config.network_args())
+    if config.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def _run_lightning(kind: str, config: BenchConfig, batches: Sequence[SemiSupervisedBatch]) -> KindResult:
+    n_flop = _n_flop_steps(kind, config)
+    total = n_flop + config.warmup + _n_timed_steps(kind, config) + 1  # the last step only closes the timing
+    recorder = _StepRecorder(config.torch_device, n_flop)
+    trainer = _trainer(config, total, [recorder])
+    loader = DataLoader(_CycleDataset(batches, total), batch_size=None, collate_fn=_identity)
+    trainer.fit(_lightning_module(kind, config), train_dataloaders=loader)
+    losses = {
+        name.removeprefix("train/"): float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith("train/")
+    }
+    return _finish(kind, config, recorder.starts, recorder.flops, recorder.memory_before, losses)
