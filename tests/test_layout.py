@@ -25,7 +25,22 @@ RECORD = REPO / "docs" / "records" / "fast-cpu" / "gpcps_1of8_seed0.json"
 ALLOWED = {
     "losses": set(),
     "methods": {"losses", "batch", "networks", "checkpointing", "_version"},
+    "pipelines": {
+        "methods",
+        "data",
+        "inference",
+        "callbacks",
+        "losses",
+        "batch",
+        "checkpointing",
+        "provenance",
+        "_utils",
+        "_version",
+    },
 }
+
+#: The only package modules that may import the pipelines (the command line and the runner, above them).
+PIPELINE_USERS = {"cli.py", "reproduce.py", "__main__.py"}
 
 
 def _package_imports(path: Path) -> set[str]:
@@ -54,6 +69,18 @@ def test_layers_import_downwards_only(layer: str) -> None:
             target = parts[1] if len(parts) > 1 else "gpcps_lightning"
             if target != layer and target not in ALLOWED[layer]:
                 problems.append(f"{path.name} imports {name}")
+    assert not problems, problems
+
+
+def test_nothing_below_the_pipelines_imports_them() -> None:
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith(("pipelines/", "tools/")) or rel in PIPELINE_USERS:
+            continue
+        problems += [
+            f"{rel} imports {n}" for n in _package_imports(path) if n.startswith("gpcps_lightning.pipelines")
+        ]
     assert not problems, problems
 
 
