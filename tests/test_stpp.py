@@ -511,3 +511,21 @@ def test_stpp_refuses_changed_artefacts_and_missing_stages(
         r"retrain_all\)",
     ):
         _run(data, copy)
+
+
+def test_stpp_resumes_an_interrupted_training_from_its_last_checkpoint(
+    finished: tuple[Path, Path, Any], tmp_path: Path
+) -> None:
+    data, out, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    manifest_path = copy / "6_retrain_all" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "status": "started"}))  # as if interrupted
+    result = _run(data, copy)
+    assert result.skipped == list(STAGES[:-1])
+    # Resumed in place from last.ckpt (already at max_steps): the folder was kept, a second log started.
+    logs = copy / "6_retrain_all" / "logs"
+    assert {p.name for p in logs.iterdir()} == {"version_0", "version_1"}
+    assert json.loads(manifest_path.read_text())["status"] == "done"
+    assert read_checkpoint(result.checkpoint)["global_step"] == 3

@@ -526,6 +526,12 @@ class _Snapshots(L.Callback):
     def path(self, step: int) -> Path:
         return self.folder / f"step{step}.ckpt"
 
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # A resumed run redoes the steps after its last.ckpt: snapshots an interrupted run wrote there go.
+        for step in self.steps:
+            if step > trainer.global_step:
+                self.path(step).unlink(missing_ok=True)
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         for step in self.steps:
             if trainer.global_step >= step and not self.path(step).exists():
@@ -563,6 +569,10 @@ def _train(
     last = folder / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else folder / "best.ckpt"
+    if (
+        best.resolve().parent != folder.resolve()
+    ):  # resumed after `out_dir` was moved: the state names the old one
+        best = folder / "best.ckpt"
     # val_every <= max_steps (checked by STPPConfig): every training validates, so there is a best one.
     assert best.is_file(), f"ST++ stage {stage.name!r} wrote no best checkpoint in {folder}."
     return best
@@ -811,7 +821,7 @@ def run_stpp(config: STPPConfig, out_dir: str | os.PathLike[str]) -> STPPResult:
             results.append(StageResult(name, stage.dir, True, time.perf_counter() - clock, recorded))
             log.info("ST++ stage %s: finished earlier, reused (%s)", name, stage.dir)
             return
-        resume = training and state == "started"
+        resume = training and state == "started" and (stage.dir / "checkpoints" / "last.ckpt").is_file()
         stage.start(settings, fresh=not resume)
         log.info("ST++ stage %s: %s (%s)", name, "resuming" if resume else "running", stage.dir)
         started = time.perf_counter()
