@@ -348,6 +348,10 @@ def test_options_and_config_are_checked(
     tmp_path: Path, tiny_synthetic_datamodule: Callable[..., Any]
 ) -> None:
     assert STPPOptions.from_mapping({"tta_scales": [1.0, 2.0]}).tta_scales == (1.0, 2.0)
+    settings = STPPOptions(strong_augmentation={"cutout": 0.0}).settings()
+    assert settings["stpp.reliable_fraction"] == 0.5 and settings["stpp.relabel"] == "unreliable"
+    assert settings["stpp.strong_augmentation"]["cutout"] == 0.0
+    assert settings["stpp.strong_augmentation"]["color"] == 0.8  # the defaults resolved
     with pytest.raises(ValueError, match=r"Unknown ST\+\+ option\(s\) \['threshold'\]"):
         STPPOptions.from_mapping({"threshold": 0.5})
     with pytest.raises(ValueError, match="`relabel` must be 'unreliable' or 'all'"):

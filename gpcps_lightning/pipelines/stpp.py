@@ -250,6 +250,15 @@ class STPPOptions:
             values["tta_scales"] = tuple(values["tta_scales"])
         return cls(**values)
 
+    def settings(self) -> dict[str, Any]:
+        """The options as flat ``stpp.<name>`` settings (JSON-compatible; the strong augmentation resolved).
+
+        For a run record's settings, next to :func:`gpcps_lightning.provenance.run_settings`.
+        """
+        values = jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        values["strong_augmentation"] = self.strong_augmentation_args()
+        return {f"stpp.{k}": v for k, v in values.items()}
+
     def strong_augmentation_args(self) -> dict[str, Any]:
         """Every argument of the strong augmentation: its defaults, overridden by ``strong_augmentation``."""
         defaults = {
