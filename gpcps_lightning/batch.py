@@ -31,12 +31,19 @@ class SemiSupervisedBatch:
     that every method sees the same ones). ``fused`` and ``eps``: a datamodule that fuses on its own.
     Neither: the method draws ``eps`` and fuses (see :func:`gpcps_lightning.losses.fuse_images`).
 
+    ``valid`` marks where ``mask`` is a label (1) and where it is to be ignored (0): the cutout regions
+    of ST++'s strong augmentation (:class:`~gpcps_lightning.data.PseudoLabelDataModule`). ``None``: every
+    pixel is a label. Only modules that declare ``accepts_ignore_regions``
+    (:class:`~gpcps_lightning.SupervisedModule`) train on batches with ignore regions; the others refuse
+    them rather than train on the ignored pixels.
+
     Shape:
         - labeled: (N, C, H, W), float, normalised as the networks see it.
         - mask: (N, 1, H, W), float in {0, 1}, the labels of ``labeled``.
         - unlabeled: (N, C, H, W), float; its labels are never part of the batch.
         - fused: (N, C, H, W) or ``None``.
         - eps: (N, 1, 1, 1) or ``None``, the weight of the labeled image in ``fused``.
+        - valid: (N, 1, H, W), float in {0, 1}, or ``None``.
     """
 
     labeled: Tensor
@@ -44,6 +51,7 @@ class SemiSupervisedBatch:
     unlabeled: Tensor
     fused: Tensor | None = None
     eps: Tensor | None = None
+    valid: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -82,6 +90,10 @@ class SemiSupervisedBatch:
                 raise TypeError(f"`eps` must be a torch.Tensor, got {type(self.eps).__name__}.")
             if self.eps.shape != (n, 1, 1, 1):
                 raise ValueError(f"`eps` must have shape {(n, 1, 1, 1)}, got {tuple(self.eps.shape)}.")
+        if self.valid is not None:
+            _check_image("valid", self.valid)
+            if self.valid.shape != (n, 1, h, w):
+                raise ValueError(f"`valid` must have shape {(n, 1, h, w)}, got {tuple(self.valid.shape)}.")
 
 
 @dataclass

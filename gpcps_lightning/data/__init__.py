@@ -20,10 +20,16 @@ from gpcps_lightning.data.datasets import (
 )
 from gpcps_lightning.data.io import IMAGE_EXTENSIONS, binarize_mask, read_image, read_mask
 from gpcps_lightning.data.kvasir import KVASIR_SEG_URL, KvasirSEGDataModule, download_kvasir_seg
-from gpcps_lightning.data.sampler import SemiSupervisedPairSampler
+from gpcps_lightning.data.pseudo import PseudoLabelDataModule
+from gpcps_lightning.data.sampler import SemiSupervisedPairSampler, labeled_stream_indices
 from gpcps_lightning.data.splits import DataSplit, ratio_split, read_split_file, split_folder
 from gpcps_lightning.data.synthetic import SyntheticPolypDataModule, generate_synthetic_polyps
-from gpcps_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationAugmentation
+from gpcps_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationAugmentation,
+    StrongAugmentation,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -39,14 +45,17 @@ __all__ = [
     "ImageMaskDataset",
     "ImageMaskPair",
     "KvasirSEGDataModule",
+    "PseudoLabelDataModule",
     "SegmentationAugmentation",
     "SemiSupervisedDataModule",
     "SemiSupervisedPairSampler",
     "SemiSupervisedTrainDataset",
+    "StrongAugmentation",
     "SyntheticPolypDataModule",
     "binarize_mask",
     "download_kvasir_seg",
     "generate_synthetic_polyps",
+    "labeled_stream_indices",
     "pair_image_mask_folders",
     "ratio_split",
     "read_image",

@@ -9,13 +9,13 @@ ranks of a distributed run take disjoint slices without communicating.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
 from torch.utils.data import DistributedSampler
 
-__all__ = ["SemiSupervisedPairSampler"]
+__all__ = ["SemiSupervisedPairSampler", "labeled_stream_indices"]
 
 _LABELED, _UNLABELED = 0, 1
 
@@ -29,6 +29,23 @@ def _stream(n: int, seed: int, stream: int, positions: np.ndarray) -> np.ndarray
         where = cycles == cycle
         out[where] = perm[positions[where] % n]
     return out
+
+
+def labeled_stream_indices(num_labeled: int, seed: int, positions: Sequence[int]) -> np.ndarray:
+    """The labeled index that :class:`SemiSupervisedPairSampler` pairs with each global stream position.
+
+    A pure function of ``(num_labeled, seed, positions)``, so a batch that carries its positions tells
+    which labeled images it holds without the dataset passing their indices along.
+
+    Args:
+        num_labeled: Size of the labeled set.
+        seed: The sampler's seed.
+        positions: Global stream positions (a batch's ``positions``).
+
+    Returns:
+        int64 array of labeled indices, one per position.
+    """
+    return _stream(int(num_labeled), int(seed), _LABELED, np.asarray(positions, dtype=np.int64))
 
 
 class SemiSupervisedPairSampler(DistributedSampler):

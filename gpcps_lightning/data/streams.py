@@ -21,13 +21,22 @@ from torch import Tensor
 
 from gpcps_lightning.losses.gpcps import sample_eps
 
-__all__ = ["AUGMENTATION_STREAM", "FUSION_STREAM", "fusion_weights", "seeded_rng", "stream_seed"]
+__all__ = [
+    "AUGMENTATION_STREAM",
+    "FUSION_STREAM",
+    "STRONG_AUGMENTATION_STREAM",
+    "fusion_weights",
+    "seeded_rng",
+    "stream_seed",
+]
 
 # Streams 0 and 1 are the sampler's labeled and unlabeled shuffles.
 #: Stream id of the augmentation draws.
 AUGMENTATION_STREAM = 2
 #: Stream id of the fusion weights.
 FUSION_STREAM = 3
+#: Stream id of the strong augmentation of pseudo-labelled images (ST++).
+STRONG_AUGMENTATION_STREAM = 4
 
 
 def stream_seed(seed: int, stream: int, positions: Sequence[int]) -> int:

@@ -4,6 +4,7 @@
   original size), :class:`Preprocessing` and :func:`load_module`, shared by the other two.
 - :mod:`~gpcps_lightning.inference.export`: TorchScript and ONNX export (``gpcps export``).
 - :mod:`~gpcps_lightning.inference.evaluate`: per-image scores on image/mask folders (``gpcps evaluate``).
+- :mod:`~gpcps_lightning.inference.tta`: test-time augmentation (scales and flips), as ST++ pseudo-labels.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from gpcps_lightning.inference.evaluate import (
 )
 from gpcps_lightning.inference.export import ExportedHead, export_onnx, export_torchscript
 from gpcps_lightning.inference.predict import Preprocessing, Segmenter, load_module
+from gpcps_lightning.inference.tta import TTA_SCALES, tta_probabilities
 
 __all__ = [
+    "TTA_SCALES",
     "EvaluationReport",
     "ExportedHead",
     "FolderEvaluation",
@@ -30,4 +33,5 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "load_module",
+    "tta_probabilities",
 ]

@@ -31,6 +31,7 @@ from gpcps_lightning.losses.dice import (
     authors_dice_loss,
     dice_loss,
     dice_loss_function,
+    dice_loss_with_ignore,
     soft_dice_loss,
 )
 from gpcps_lightning.losses.gpcps import (
@@ -70,6 +71,7 @@ __all__ = [
     "cps_objective",
     "dice_loss",
     "dice_loss_function",
+    "dice_loss_with_ignore",
     "ema_decay_at",
     "ema_update",
     "fuse_images",

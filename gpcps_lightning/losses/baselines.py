@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpcps_lightning.losses._checks import _check_map, _check_same_shape
-from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
+from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function, dice_loss_with_ignore
 
 __all__ = [
     "CPSLosses",
@@ -263,13 +263,17 @@ class SupervisedLosses(NamedTuple):
     sup: Tensor
 
 
-def supervised_objective(p_labeled: Tensor, y: Tensor, dice: DiceVariant = "soft") -> SupervisedLosses:
+def supervised_objective(
+    p_labeled: Tensor, y: Tensor, dice: DiceVariant = "soft", valid: Tensor | None = None
+) -> SupervisedLosses:
     """The supervised baseline's loss: GP-CPS's ``L_sup`` for one network, ``Dice(p(l), y)``.
 
     Args:
         p_labeled: The network's probabilities on the labeled images.
         y: Their masks, in {0, 1}.
         dice: ``"soft"`` (specification) or ``"authors"`` Dice loss.
+        valid: Where ``y`` is a label (1) or ignored (0), for ST++'s cutout regions
+            (:func:`~gpcps_lightning.losses.dice.dice_loss_with_ignore`); ``None``: everywhere.
 
     Returns:
         The loss (``total`` and ``sup`` are the same tensor).
@@ -277,7 +281,10 @@ def supervised_objective(p_labeled: Tensor, y: Tensor, dice: DiceVariant = "soft
     Raises:
         ValueError: On shapes other than (N, 1, H, W) or an unknown ``dice``.
     """
-    sup = dice_loss_function(dice)(p_labeled, y)
+    if valid is None:
+        sup = dice_loss_function(dice)(p_labeled, y)
+    else:
+        sup = dice_loss_with_ignore(p_labeled, y, valid, dice)
     return SupervisedLosses(total=sup, sup=sup)
 
 

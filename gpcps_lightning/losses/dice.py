@@ -15,6 +15,7 @@ __all__ = [
     "authors_dice_loss",
     "dice_loss",
     "dice_loss_function",
+    "dice_loss_with_ignore",
     "soft_dice_loss",
 ]
 
@@ -132,3 +133,36 @@ def dice_loss_function(variant: str) -> Callable[[Tensor, Tensor], Tensor]:
     if variant == "authors":
         return authors_dice_loss
     raise ValueError(f"`dice` must be 'soft' or 'authors', got {variant!r}.")
+
+
+def dice_loss_with_ignore(
+    probs: Tensor, target: Tensor, valid: Tensor, variant: DiceVariant = "soft"
+) -> Tensor:
+    """The ``variant`` Dice loss over the valid pixels only (ignore regions leave it and get no gradient).
+
+    ``Dice(p * v, t * v)``: with ``v`` in {0, 1}, every sum of the Dice (``sum(p * t)``, ``sum(p)``,
+    ``sum(t)``, and ``sum(p^2)``, ``sum(t^2)`` of the authors' variant) runs over the pixels with
+    ``v = 1``, and ignored pixels get a zero gradient. It is the Dice counterpart of cross entropy's
+    ``ignore_index``, which ST++'s official code uses for its cutout regions. With ``v`` all ones it is
+    the plain loss.
+
+    Args:
+        probs: Foreground probabilities in [0, 1].
+        target: Targets in [0, 1].
+        valid: 1 where ``target`` is a label, 0 where it is to be ignored (values in {0, 1}).
+        variant: ``"soft"`` (per sample, :func:`soft_dice_loss`) or ``"authors"`` (:func:`authors_dice_loss`).
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs).
+
+    Raises:
+        ValueError: On shapes other than (N, 1, H, W), different shapes, or an unknown ``variant``.
+
+    Shape:
+        - probs, target, valid: (N, 1, H, W)
+    """
+    loss = dice_loss_function(variant)
+    _check_map("valid", valid)
+    _check_same_shape("probs", probs, "valid", valid)
+    v = _as_float(valid)
+    return loss(probs * v, target * v)

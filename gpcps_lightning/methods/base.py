@@ -118,6 +118,9 @@ class SegmentationModule(ManualStepModule):
     head_names: tuple[str, ...] = ("net1",)
     #: The head whose validation metrics select the checkpoint (``val/dice_<selection_head>``).
     selection_head: str = "net1"
+    #: Whether the objective honours ``SemiSupervisedBatch.valid`` (ignore regions); batches with one are
+    #: refused otherwise, so that no method trains on pixels meant to be ignored.
+    accepts_ignore_regions: bool = False
 
     def __init__(
         self,
@@ -238,6 +241,12 @@ class SegmentationModule(ManualStepModule):
                 f"got {type(batch).__name__}."
             )
         batch.validate()
+        if batch.valid is not None and not self.accepts_ignore_regions:
+            raise ValueError(
+                f"{type(self).__name__} cannot train on batches with ignore regions (`valid` is set): its "
+                "objective would use the ignored pixels. Train on such batches (ST++'s pseudo-labelled "
+                "images) with SupervisedModule, or give batches with valid=None."
+            )
         return batch
 
     def compute_losses(self, batch: SemiSupervisedBatch, step: int = 0) -> Any:

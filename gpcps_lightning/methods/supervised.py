@@ -22,7 +22,9 @@ class SupervisedModule(SegmentationModule):
     The loss is GP-CPS's supervised soft Dice for one network, ``Dice(p(l), y)``. Training batches are
     :class:`~gpcps_lightning.SemiSupervisedBatch` so that every method runs on the same datamodule;
     ``unlabeled`` (and ``fused``) are ignored. The one head is ``net1``, which is also the selection
-    head. Logged: ``train/loss``, ``train/loss_sup``.
+    head. Logged: ``train/loss``, ``train/loss_sup``. Batches with ignore regions
+    (``SemiSupervisedBatch.valid``, ST++'s cutout) are trained on their valid pixels only
+    (:func:`~gpcps_lightning.losses.dice.dice_loss_with_ignore`).
 
     Args:
         network_seed: Initialisation seed of ``net1`` (GP-CPS's ``net1`` uses 1 by default, so the two start
@@ -35,6 +37,7 @@ class SupervisedModule(SegmentationModule):
 
     head_names = ("net1",)
     selection_head = "net1"
+    accepts_ignore_regions = True
 
     def __init__(self, network_seed: int = 1, dice: DiceVariant = "soft", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -61,7 +64,9 @@ class SupervisedModule(SegmentationModule):
             ValueError: On malformed batches.
         """
         batch = self.check_training_batch(batch)
-        return supervised_objective(torch.sigmoid(self.net1(batch.labeled)), batch.mask, self.dice_variant)
+        return supervised_objective(
+            torch.sigmoid(self.net1(batch.labeled)), batch.mask, self.dice_variant, valid=batch.valid
+        )
 
     def loss_terms(self, losses: SupervisedLosses, step: int) -> dict[str, Tensor]:  # noqa: D102
         return {"loss": losses.total, "loss_sup": losses.sup}
