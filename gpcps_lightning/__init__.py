@@ -11,6 +11,7 @@ from gpcps_lightning.methods import (
     MeanTeacherModule,
     SegmentationModule,
     SupervisedModule,
+    UniMatchModule,
 )
 from gpcps_lightning.predict import Segmenter
 
@@ -27,5 +28,6 @@ __all__ = [
     "SemiSupervisedBatch",
     "SupervisedModule",
     "SyntheticPolypDataModule",
+    "UniMatchModule",
     "__version__",
 ]
