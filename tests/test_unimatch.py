@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpcps_lightning import UniMatchModule
+from gpcps_lightning import SupervisedModule, UniMatchModule
 from gpcps_lightning.losses import (
     apply_cutmix,
     cutmix_box,
@@ -453,3 +453,36 @@ def test_module_and_datamodule_arguments_do_not_clash() -> None:
 
     data = names(SemiSupervisedDataModule, FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule)
     assert not names(UniMatchModule) & data
+
+
+def test_sees_the_same_batches_as_the_supervised_unet(tmp_path: Path) -> None:
+    """Views, boxes and dropout come from the global random state, never from the data streams."""
+    from test_same_batches import _assert_same, _train
+
+    reference = _train(UniMatchModule(**TINY_NET), tmp_path, global_seed=0)
+    _assert_same(reference, _train(SupervisedModule(**TINY_NET), tmp_path, global_seed=7))
+
+
+class _AllConfident(UniMatchModule):
+    """Every pixel counts (confidence >= 0.5): all the step's draws reach the weights."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(conf_thresh=0.5, **kwargs)
+
+
+def test_resume_replays_the_views_boxes_and_dropout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_resume import _assert_identical, _run
+
+    data = tmp_path / "data"
+    full, _ = _run(data, tmp_path / "full", max_epochs=2, method=_AllConfident)
+    _run(data, tmp_path / "part", max_epochs=1, method=_AllConfident)
+    last = tmp_path / "part" / "last.ckpt"
+    torch.manual_seed(12345)
+    resumed, _ = _run(data, tmp_path / "resumed", ckpt_path=last, max_epochs=2, method=_AllConfident)
+    _assert_identical(full, resumed)
+    # Control: without the saved random states the draws differ, and so do the weights.
+    monkeypatch.setattr("gpcps_lightning.methods.base.restore_rng_state", lambda state: None)
+    torch.manual_seed(12345)
+    drifted, _ = _run(data, tmp_path / "drifted", ckpt_path=last, max_epochs=2, method=_AllConfident)
+    with pytest.raises(AssertionError):
+        _assert_identical(full, drifted)
