@@ -12,6 +12,7 @@ from gpcps_lightning.methods import (
     MeanTeacherModule,
     SegmentationModule,
     SupervisedModule,
+    UniMatchModule,
 )
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "SemiSupervisedBatch",
     "SupervisedModule",
     "SyntheticPolypDataModule",
+    "UniMatchModule",
     "__version__",
 ]

@@ -4,6 +4,7 @@
 - :mod:`~gpcps_lightning.losses.gpcps`: GP-CPS's equations (docs/method.md, Eq. 1-17) and
   :func:`~gpcps_lightning.losses.gpcps.gpcps_objective`, the whole of Eq. 17.
 - :mod:`~gpcps_lightning.losses.baselines`: CPS and Mean Teacher (docs/baselines.md).
+- :mod:`~gpcps_lightning.losses.unimatch`: UniMatch (docs/baselines.md).
 
 Every name is importable from ``gpcps_lightning.losses`` as well.
 """
@@ -52,6 +53,15 @@ from gpcps_lightning.losses.gpcps import (
     supervised_loss,
     total_loss,
 )
+from gpcps_lightning.losses.unimatch import (
+    UniMatchLosses,
+    UniMatchSupervised,
+    apply_cutmix,
+    cutmix_box,
+    pseudo_labels_and_confidence,
+    two_class_dice_loss,
+    unimatch_objective,
+)
 
 __all__ = [
     "BackgroundVariant",
@@ -62,13 +72,17 @@ __all__ = [
     "GPCPSLosses",
     "MeanTeacherLosses",
     "SupervisedLosses",
+    "UniMatchLosses",
+    "UniMatchSupervised",
     "add_gaussian_noise",
+    "apply_cutmix",
     "authors_background_mask",
     "authors_dice_loss",
     "background_mask",
     "consistency_loss",
     "cps_loss",
     "cps_objective",
+    "cutmix_box",
     "dice_loss",
     "dice_loss_function",
     "dice_loss_with_ignore",
@@ -83,6 +97,7 @@ __all__ = [
     "mean_teacher_objective",
     "output_sum",
     "penalty_precision_context",
+    "pseudo_labels_and_confidence",
     "sample_eps",
     "semi_supervised_loss",
     "sigmoid_rampup",
@@ -90,4 +105,6 @@ __all__ = [
     "supervised_loss",
     "supervised_objective",
     "total_loss",
+    "two_class_dice_loss",
+    "unimatch_objective",
 ]

@@ -2,7 +2,7 @@
 
 - :mod:`~gpcps_lightning.methods.base`: :class:`SegmentationModule`, the hooks and the training-step template.
 - :mod:`~gpcps_lightning.methods.step`: the manual optimisation step (precision, scaler, non-finite policy).
-- :mod:`~gpcps_lightning.methods.gpcps`, ``supervised``, ``cps``, ``mean_teacher``: the methods.
+- :mod:`~gpcps_lightning.methods.gpcps`, ``supervised``, ``cps``, ``mean_teacher``, ``unimatch``: the methods.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.methods.mean_teacher import MeanTeacherModule
 from gpcps_lightning.methods.step import ManualStepModule
 from gpcps_lightning.methods.supervised import SupervisedModule
+from gpcps_lightning.methods.unimatch import UniMatchModule
 
 __all__ = [
     "CPSModule",
@@ -22,4 +23,5 @@ __all__ = [
     "SegmentationModule",
     "SupervisedModule",
     "TwoNetworkModule",
+    "UniMatchModule",
 ]
