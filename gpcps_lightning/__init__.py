@@ -9,6 +9,7 @@ from gpcps_lightning.methods import (
     CPSModule,
     GPCPSModule,
     MeanTeacherModule,
+    PSMTModule,
     SegmentationModule,
     SupervisedModule,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "GPCPSModule",
     "KvasirSEGDataModule",
     "MeanTeacherModule",
+    "PSMTModule",
     "PredictionBatch",
     "SegmentationModule",
     "Segmenter",

@@ -4,6 +4,7 @@
 - :mod:`~gpcps_lightning.losses.gpcps`: GP-CPS's equations (docs/method.md, Eq. 1-17) and
   :func:`~gpcps_lightning.losses.gpcps.gpcps_objective`, the whole of Eq. 17.
 - :mod:`~gpcps_lightning.losses.baselines`: CPS and Mean Teacher (docs/baselines.md).
+- :mod:`~gpcps_lightning.losses.psmt`: PS-MT (docs/baselines_psmt.md).
 
 Every name is importable from ``gpcps_lightning.losses`` as well.
 """
@@ -51,25 +52,48 @@ from gpcps_lightning.losses.gpcps import (
     supervised_loss,
     total_loss,
 )
+from gpcps_lightning.losses.psmt import (
+    CutMixBoxes,
+    PSMTLosses,
+    active_teacher,
+    apply_cutmix,
+    bernoulli_kl_with_logits,
+    confidence_weighted_ce,
+    cosine_rampup,
+    cutmix_boxes,
+    draw_cutmix,
+    psmt_objective,
+    teacher_target,
+    vat_perturbation,
+)
 
 __all__ = [
     "BackgroundVariant",
     "CPSLosses",
+    "CutMixBoxes",
     "DiceReduction",
     "DiceVariant",
     "EpsMode",
     "GPCPSLosses",
     "MeanTeacherLosses",
+    "PSMTLosses",
     "SupervisedLosses",
+    "active_teacher",
     "add_gaussian_noise",
+    "apply_cutmix",
     "authors_background_mask",
     "authors_dice_loss",
     "background_mask",
+    "bernoulli_kl_with_logits",
+    "confidence_weighted_ce",
     "consistency_loss",
+    "cosine_rampup",
     "cps_loss",
     "cps_objective",
+    "cutmix_boxes",
     "dice_loss",
     "dice_loss_function",
+    "draw_cutmix",
     "ema_decay_at",
     "ema_update",
     "fuse_images",
@@ -81,11 +105,14 @@ __all__ = [
     "mean_teacher_objective",
     "output_sum",
     "penalty_precision_context",
+    "psmt_objective",
     "sample_eps",
     "semi_supervised_loss",
     "sigmoid_rampup",
     "soft_dice_loss",
     "supervised_loss",
     "supervised_objective",
+    "teacher_target",
     "total_loss",
+    "vat_perturbation",
 ]

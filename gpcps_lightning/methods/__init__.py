@@ -2,7 +2,7 @@
 
 - :mod:`~gpcps_lightning.methods.base`: :class:`SegmentationModule`, the hooks and the training-step template.
 - :mod:`~gpcps_lightning.methods.step`: the manual optimisation step (precision, scaler, non-finite policy).
-- :mod:`~gpcps_lightning.methods.gpcps`, ``supervised``, ``cps``, ``mean_teacher``: the methods.
+- :mod:`~gpcps_lightning.methods.gpcps`, ``supervised``, ``cps``, ``mean_teacher``, ``psmt``: the methods.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from gpcps_lightning.methods.base import SegmentationModule, TwoNetworkModule
 from gpcps_lightning.methods.cps import CPSModule
 from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.methods.mean_teacher import MeanTeacherModule
+from gpcps_lightning.methods.psmt import PSMTModule
 from gpcps_lightning.methods.step import ManualStepModule
 from gpcps_lightning.methods.supervised import SupervisedModule
 
@@ -19,6 +20,7 @@ __all__ = [
     "GPCPSModule",
     "ManualStepModule",
     "MeanTeacherModule",
+    "PSMTModule",
     "SegmentationModule",
     "SupervisedModule",
     "TwoNetworkModule",
