@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -103,10 +104,12 @@ class CutMixBoxes(NamedTuple):
         boxes: (N, 4) int64 ``(top, bottom, left, right)``: image ``i`` takes rows ``[top, bottom)`` and
             columns ``[left, right)`` from image ``partners[i]``. An empty box leaves the image as it is.
         partners: (N,) int64, a permutation of the batch (an image may be its own partner).
+        lam: The batch's ``Beta`` draw that sized the boxes.
     """
 
     boxes: Tensor
     partners: Tensor
+    lam: float
 
 
 def cutmix_boxes(height: int, width: int, lam: float, centres: Tensor) -> Tensor:
@@ -146,12 +149,10 @@ def cutmix_boxes(height: int, width: int, lam: float, centres: Tensor) -> Tensor
 
 
 def _beta_sample(a: float, b: float, generator: torch.Generator | None) -> float:
-    # torch's Beta sampler takes no generator: seed a forked global state from the generator, so that the
-    # draw is reproducible from it and the global state is left as it was.
+    # torch's Beta sampler takes no generator: a NumPy generator seeded from ``generator`` draws it, so
+    # that the draw is reproducible from the torch state and no global state is touched.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return float(torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample())
+    return float(np.random.default_rng(seed).beta(a, b))
 
 
 def draw_cutmix(
@@ -176,7 +177,7 @@ def draw_cutmix(
         generator: CPU random generator; ``None`` draws from the global state.
 
     Returns:
-        The boxes and partners, on the CPU.
+        The boxes and partners, on the CPU, and ``lam``.
 
     Raises:
         ValueError: If ``n``, ``height`` or ``width`` is below 1 or ``beta`` is not positive.
@@ -189,7 +190,7 @@ def draw_cutmix(
     cy = torch.randint(int(height / 8), height, (n,), generator=generator)
     cx = torch.randint(int(width / 8), width, (n,), generator=generator)
     partners = torch.randperm(n, generator=generator)
-    return CutMixBoxes(cutmix_boxes(height, width, lam, torch.stack([cy, cx], dim=1)), partners)
+    return CutMixBoxes(cutmix_boxes(height, width, lam, torch.stack([cy, cx], dim=1)), partners, lam)
 
 
 def apply_cutmix(x: Tensor, cutmix: CutMixBoxes) -> Tensor:

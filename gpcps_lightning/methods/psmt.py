@@ -32,6 +32,19 @@ VatFeatures = Literal["all", "deepest"]
 _PARTS = ("encoder", "decoder", "segmentation_head")
 
 
+def _part(net: nn.Module, name: str) -> nn.Module:
+    part = getattr(net, name)
+    assert isinstance(part, nn.Module)  # checked when the networks are built
+    return part
+
+
+def _decode(net: nn.Module, features: list[Tensor]) -> Tensor:
+    """``segmentation_head(decoder(features))`` of an smp model: its forward pass after the encoder."""
+    out = _part(net, "segmentation_head")(_part(net, "decoder")(features))
+    assert isinstance(out, Tensor)
+    return out
+
+
 @contextlib.contextmanager
 def _evaluation_mode(*modules: nn.Module) -> Iterator[None]:
     # T-VAT reads the teachers with their running batch-norm statistics and must not update them
@@ -103,6 +116,10 @@ class PSMTModule(SegmentationModule):
 
     head_names = ("teacher", "student")
     selection_head = "teacher"
+    ema_updates: Tensor
+    student: nn.Module
+    teacher1: nn.Module
+    teacher2: nn.Module
 
     def __init__(
         self,
@@ -141,9 +158,9 @@ class PSMTModule(SegmentationModule):
             raise ValueError(f"`cutmix_beta` must be positive, got {cutmix_beta}.")
         if vat_xi <= 0:
             raise ValueError(f"`vat_xi` must be positive, got {vat_xi}.")
-        for name, value in (("vat_eps", vat_eps), ("vat_norm_eps", vat_norm_eps)):
-            if value < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {value}.")
+        for name, size in (("vat_eps", vat_eps), ("vat_norm_eps", vat_norm_eps)):
+            if size < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {size}.")
         if vat_features not in ("all", "deepest"):
             raise ValueError(f"`vat_features` must be 'all' or 'deepest', got {vat_features!r}.")
         if len(seeds) != 3 or len(set(seeds)) != 3:
@@ -221,9 +238,7 @@ class PSMTModule(SegmentationModule):
     # ----------------------------------------------------------------- forward passes
     def _teachers_decode(self, features: list[Tensor]) -> Tensor:
         # The official T-VAT averages the two teachers' decoder logits.
-        z1 = self.teacher1.segmentation_head(self.teacher1.decoder(features))
-        z2 = self.teacher2.segmentation_head(self.teacher2.decoder(features))
-        return (z1 + z2) / 2.0
+        return (_decode(self.teacher1, features) + _decode(self.teacher2, features)) / 2.0
 
     def _vat_levels(self, n_features: int) -> list[int]:
         # smp encoders return the input image first; decoders read it for its size only.
@@ -240,7 +255,7 @@ class PSMTModule(SegmentationModule):
         check = getattr(net, "check_input_shape", None)
         if callable(check):
             check(images)
-        features = list(net.encoder(images))
+        features = list(_part(net, "encoder")(images))
         if perturb and self.vat_eps > 0:
             with _evaluation_mode(*self.teachers):
                 shifts = vat_perturbation(
@@ -252,7 +267,7 @@ class PSMTModule(SegmentationModule):
                     norm_eps=self.vat_norm_eps,
                 )
             features = [f if r is None else f + r for f, r in zip(features, shifts, strict=True)]
-        return net.segmentation_head(net.decoder(features))
+        return _decode(net, features)
 
     def compute_losses(self, batch: SemiSupervisedBatch, step: int = 0) -> PSMTLosses:
         """The forward passes of one step and its objective; no optimizer or moving-average update involved.
