@@ -18,7 +18,7 @@ from torch import nn
 
 import gpcps_lightning.losses.psmt as psmt_losses
 import gpcps_lightning.methods.psmt as psmt_method
-from gpcps_lightning import PSMTModule
+from gpcps_lightning import PSMTModule, SupervisedModule
 from gpcps_lightning.losses import (
     CutMixBoxes,
     active_teacher,
@@ -33,6 +33,7 @@ from gpcps_lightning.losses import (
     teacher_target,
     vat_perturbation,
 )
+from gpcps_lightning.methods.psmt import teacher_seeds_for
 from tests.conftest import TINY_NET, RandomSemiDataModule, random_semi_batch, tiny_synthetic_datamodule
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -396,8 +397,9 @@ def test_psmt_objective_terms_and_total() -> None:
         ({"vat_eps": -1.0}, "`vat_eps` must be >= 0"),
         ({"vat_norm_eps": -1.0}, "`vat_norm_eps` must be >= 0"),
         ({"vat_features": "deep"}, "`vat_features` must be 'all' or 'deepest'"),
-        ({"seeds": (1, 2, 2)}, "`seeds` must be three different integers"),
-        ({"seeds": (1, 2)}, "`seeds` must be three different integers"),
+        ({"teacher_seeds": (2, 2)}, "`teacher_seeds` must be two different integers"),
+        ({"teacher_seeds": (1, 2)}, r"both other than `network_seed` \(1\)"),
+        ({"network_seed": 5, "teacher_seeds": (5, 6)}, "`teacher_seeds` must be two different integers"),
         ({"dice": "hard"}, "`dice` must be"),
     ],
 )
@@ -420,9 +422,11 @@ def test_heads_networks_and_optimizer() -> None:
     assert PSMTModule.selection_head == "teacher" and PSMTModule.head_names == ("teacher", "student")
     nets = (module.student, module.teacher1, module.teacher2)
     assert module.trained_networks() == nets
-    # three seeds: three different initialisations
+    # three seeds: three different initialisations; the student's is the supervised UNet's (seed 1)
     firsts = [next(n.parameters()) for n in nets]
     assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
+    assert module.teacher_seeds == teacher_seeds_for(1) == (2**32 + 2, 2**32 + 3)
+    assert torch.equal(firsts[0], next(SupervisedModule(**_net()).net1.parameters()))
     optimizer = module.configure_optimizers()
     assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(n.parameters())) for n in nets]
     module.eval()
@@ -688,3 +692,27 @@ def test_fp16_scaler_skipped_steps_do_not_move_the_teachers(
     assert 0 < skipped < 4
     # the warm-up step (the first) moves no teacher either way; every later unskipped step moves one
     assert len(ema_calls) == int(module.ema_updates.sum()) == 3 - max(0, skipped - 1)
+
+
+def test_the_runner_builds_psmt_from_its_config_with_per_seed_networks() -> None:
+    import argparse
+
+    from gpcps_lightning.provenance import load_method_config
+    from gpcps_lightning.reproduce import _make_module
+
+    config = load_method_config("psmt")
+    assert config.class_path == "gpcps_lightning.PSMTModule"
+    args = argparse.Namespace(
+        arch=None,
+        encoder="tu-resnet18",
+        lr=None,
+        encoder_weights=None,
+        network_kwargs=TINY_NET["network_kwargs"],
+    )
+    module = _make_module(config, args, seed=1)
+    assert isinstance(module, PSMTModule)
+    # the runner sets the student's seed (2 * seed + 1, the supervised UNet's); the teachers follow it
+    assert module.network_seed == 3 and module.teacher_seeds == teacher_seeds_for(3)
+    assert module.hparams["teacher_seeds"] is None  # recorded as given: the settings do not vary by seed
+    for name, value in config.init_args.items():
+        assert module.hparams[name] == value

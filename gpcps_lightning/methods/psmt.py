@@ -24,12 +24,22 @@ from gpcps_lightning.losses.psmt import (
 )
 from gpcps_lightning.methods.base import SegmentationModule
 
-__all__ = ["PSMTModule"]
+__all__ = ["PSMTModule", "teacher_seeds_for"]
 
 VatFeatures = Literal["all", "deepest"]
 
 #: The parts of a segmentation-models-pytorch model that T-VAT runs one after the other.
 _PARTS = ("encoder", "decoder", "segmentation_head")
+
+
+def teacher_seeds_for(network_seed: int) -> tuple[int, int]:
+    """The teachers' default seeds: ``2**32 + 2 * network_seed`` and ``2**32 + 2 * network_seed + 1``.
+
+    Above every seed the library's runner gives networks (``2 * seed + 1`` and ``2 * seed + 2``), so a
+    teacher never starts from another method's, or another run's, initial weights, and distinct students
+    get distinct teachers.
+    """
+    return (2**32 + 2 * network_seed, 2**32 + 2 * network_seed + 1)
 
 
 def _part(net: nn.Module, name: str) -> nn.Module:
@@ -62,18 +72,18 @@ def _evaluation_mode(*modules: nn.Module) -> Iterator[None]:
 class PSMTModule(SegmentationModule):
     """PS-MT, Perturbed and Strict Mean Teachers (Liu et al., CVPR 2022), for binary segmentation.
 
-    One student and two teachers, each its own network (seeds ``seeds``). For the first ``warmup_steps``
-    steps the optimizer trains all three on the supervised Dice. Afterwards the teachers leave the
-    optimizer's reach and, after each optimizer step, one of them becomes the moving average of the
-    student (``ema_decay``), the other one every ``teacher_switch_every`` steps. The student trains on
-    ``L_sup + unsup_weight * ramp(t) * L_unsup``
+    One student and two teachers, each its own network (``network_seed``, ``teacher_seeds``). For the
+    first ``warmup_steps`` steps the optimizer trains all three on the supervised Dice. Afterwards the
+    teachers receive no gradient and, after each optimizer step, one of them becomes the moving average
+    of the student (``ema_decay``), the other one every ``teacher_switch_every`` steps. The student
+    trains on ``L_sup + unsup_weight * ramp(t) * L_unsup``
     (:func:`~gpcps_lightning.losses.psmt.psmt_objective`): the teachers' averaged probabilities on the
-    unlabeled batch (``gamma``) are the target of the student's prediction on a CutMix of that batch (the
-    same boxes mix the target), through the confidence-weighted cross entropy above
+    unlabeled batch (``gamma``) are the target of the student's prediction on a CutMix of that batch
+    (the same boxes mix the target), through the confidence-weighted cross entropy above
     ``confidence_threshold``; the student decodes features perturbed by T-VAT
-    (:func:`~gpcps_lightning.losses.psmt.vat_perturbation`): the direction of its encoder features that most
-    changes the teachers' decoders' prediction, with norm ``vat_eps``. ``ramp(t)`` is the cosine ramp over
-    ``rampup_steps`` steps from the end of the warm-up.
+    (:func:`~gpcps_lightning.losses.psmt.vat_perturbation`): the direction of its encoder features that
+    most changes the teachers' decoders' prediction, with norm ``vat_eps``. ``ramp(t)`` is the cosine
+    ramp over ``rampup_steps`` steps from the end of the warm-up.
 
     Heads: ``teacher`` (the average of the two teachers' probabilities; selection and prediction) and
     ``student``. Logged: ``train/loss``, ``train/loss_sup`` (the student's Dice), ``train/loss_teachers``
@@ -104,7 +114,9 @@ class PSMTModule(SegmentationModule):
         vat_features: Which encoder features T-VAT perturbs: ``"all"`` that the decoder reads (one
             direction across them, the official decoder input being one tensor) or ``"deepest"`` only.
         vat_on_labeled: Perturb the student's features on the labeled images too (the official code does).
-        seeds: Initialisation seeds of the student, teacher 1 and teacher 2; must differ.
+        network_seed: Initialisation seed of the student (the runner sets it per run, as for Mean Teacher).
+        teacher_seeds: Initialisation seeds of teacher 1 and teacher 2, or ``None`` (default) for
+            :func:`teacher_seeds_for` of ``network_seed``; the three must differ.
         dice: ``"soft"`` per-sample soft Dice (specification) or ``"authors"`` batch-global Dice.
         **kwargs: Network, optimizer and evaluation arguments of
             :class:`~gpcps_lightning.methods.base.SegmentationModule`.
@@ -136,7 +148,8 @@ class PSMTModule(SegmentationModule):
         vat_norm_eps: float = 0.0,
         vat_features: VatFeatures = "all",
         vat_on_labeled: bool = True,
-        seeds: tuple[int, int, int] = (1, 2, 3),
+        network_seed: int = 1,
+        teacher_seeds: tuple[int, int] | None = None,
         dice: DiceVariant = "soft",
         **kwargs: Any,
     ) -> None:
@@ -163,9 +176,12 @@ class PSMTModule(SegmentationModule):
                 raise ValueError(f"`{name}` must be >= 0, got {size}.")
         if vat_features not in ("all", "deepest"):
             raise ValueError(f"`vat_features` must be 'all' or 'deepest', got {vat_features!r}.")
-        if len(seeds) != 3 or len(set(seeds)) != 3:
+        # (a new name: save_hyperparameters records the arguments as given, None included)
+        seeds = teacher_seeds_for(network_seed) if teacher_seeds is None else tuple(teacher_seeds)
+        if len(seeds) != 2 or len({network_seed, *seeds}) != 3:
             raise ValueError(
-                f"`seeds` must be three different integers (student, teacher 1, teacher 2), got {seeds}."
+                "`teacher_seeds` must be two different integers, both other than `network_seed` "
+                f"({network_seed}), or None; got {teacher_seeds}."
             )
         dice_loss_function(dice)  # checks the variant
         self.save_hyperparameters()
@@ -182,7 +198,8 @@ class PSMTModule(SegmentationModule):
         self.vat_norm_eps = float(vat_norm_eps)
         self.vat_features = vat_features
         self.vat_on_labeled = vat_on_labeled
-        self.seeds = (seeds[0], seeds[1], seeds[2])
+        self.network_seed = network_seed
+        self.teacher_seeds = (seeds[0], seeds[1])
         self.dice_variant = dice
         # Moving-average updates of teacher 1 and teacher 2, saved in checkpoints with the weights.
         self.register_buffer("ema_updates", torch.zeros(2, dtype=torch.long))
@@ -190,9 +207,9 @@ class PSMTModule(SegmentationModule):
 
     # ----------------------------------------------------------------- networks
     def configure_networks(self) -> None:  # noqa: D102
-        self.student = self.make_network(self.seeds[0])
-        self.teacher1 = self.make_network(self.seeds[1])
-        self.teacher2 = self.make_network(self.seeds[2])
+        self.student = self.make_network(self.network_seed)
+        self.teacher1 = self.make_network(self.teacher_seeds[0])
+        self.teacher2 = self.make_network(self.teacher_seeds[1])
         missing = [part for part in _PARTS if not isinstance(getattr(self.student, part, None), nn.Module)]
         if missing or getattr(self.student, "classification_head", None) is not None:
             raise ValueError(
