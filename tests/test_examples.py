@@ -136,6 +136,7 @@ def test_module_and_datamodule_arguments_do_not_clash() -> None:
         GPCPSModule,
         KvasirSEGDataModule,
         MeanTeacherModule,
+        PSMTModule,
         SegmentationModule,
         SupervisedModule,
         SyntheticPolypDataModule,
@@ -146,5 +147,5 @@ def test_module_and_datamodule_arguments_do_not_clash() -> None:
         return {p for c in classes for p in inspect.signature(c).parameters if p != "kwargs"}
 
     data = names(SemiSupervisedDataModule, FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule)
-    for module in (GPCPSModule, SupervisedModule, CPSModule, MeanTeacherModule):
+    for module in (GPCPSModule, SupervisedModule, CPSModule, MeanTeacherModule, PSMTModule):
         assert not names(module, SegmentationModule) & data, module.__name__

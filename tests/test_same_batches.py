@@ -19,6 +19,7 @@ from gpcps_lightning import (
     CPSModule,
     GPCPSModule,
     MeanTeacherModule,
+    PSMTModule,
     SemiSupervisedBatch,
     SupervisedModule,
     SyntheticPolypDataModule,
@@ -90,6 +91,7 @@ def test_every_method_sees_the_same_batches(data_root: Path) -> None:
         "gpcps_row_I": GPCPSModule(lambda_grad=0.0, lambda_semi=0.0, **TINY_NET),
         "cps": CPSModule(**TINY_NET),
         "mean_teacher": MeanTeacherModule(rampup_steps=0, **TINY_NET),  # draws noise every step
+        "psmt": PSMTModule(warmup_steps=0, **TINY_NET),  # draws CutMix boxes and T-VAT directions
     }
     for k, (name, module) in enumerate(methods.items()):
         batches = _train(module, data_root, global_seed=100 + k)

@@ -14,13 +14,13 @@ from torch import nn
 
 from gpcps_lightning import SupervisedModule, UniMatchModule
 from gpcps_lightning.losses import (
-    apply_cutmix,
     cutmix_box,
     pseudo_labels_and_confidence,
     soft_dice_loss,
     two_class_dice_loss,
     unimatch_objective,
 )
+from gpcps_lightning.losses.unimatch import apply_cutmix
 from tests.conftest import TINY_NET, RandomSemiDataModule, random_semi_batch
 
 LN3, LN99 = math.log(3.0), math.log(99.0)

@@ -4,7 +4,9 @@
 - :mod:`~gpcps_lightning.losses.gpcps`: GP-CPS's equations (docs/method.md, Eq. 1-17) and
   :func:`~gpcps_lightning.losses.gpcps.gpcps_objective`, the whole of Eq. 17.
 - :mod:`~gpcps_lightning.losses.baselines`: CPS and Mean Teacher (docs/baselines.md).
-- :mod:`~gpcps_lightning.losses.unimatch`: UniMatch (docs/baselines.md).
+- :mod:`~gpcps_lightning.losses.psmt`, :mod:`~gpcps_lightning.losses.unimatch`: PS-MT and UniMatch
+  (docs/baselines.md). Their CutMix helpers differ (each follows its official code), so
+  ``apply_cutmix`` is imported from the method's own module.
 
 Every name is importable from ``gpcps_lightning.losses`` as well.
 """
@@ -53,10 +55,22 @@ from gpcps_lightning.losses.gpcps import (
     supervised_loss,
     total_loss,
 )
+from gpcps_lightning.losses.psmt import (
+    CutMixBoxes,
+    PSMTLosses,
+    active_teacher,
+    bernoulli_kl_with_logits,
+    confidence_weighted_ce,
+    cosine_rampup,
+    cutmix_boxes,
+    draw_cutmix,
+    psmt_objective,
+    teacher_target,
+    vat_perturbation,
+)
 from gpcps_lightning.losses.unimatch import (
     UniMatchLosses,
     UniMatchSupervised,
-    apply_cutmix,
     cutmix_box,
     pseudo_labels_and_confidence,
     two_class_dice_loss,
@@ -66,26 +80,33 @@ from gpcps_lightning.losses.unimatch import (
 __all__ = [
     "BackgroundVariant",
     "CPSLosses",
+    "CutMixBoxes",
     "DiceReduction",
     "DiceVariant",
     "EpsMode",
     "GPCPSLosses",
     "MeanTeacherLosses",
+    "PSMTLosses",
     "SupervisedLosses",
     "UniMatchLosses",
     "UniMatchSupervised",
+    "active_teacher",
     "add_gaussian_noise",
-    "apply_cutmix",
     "authors_background_mask",
     "authors_dice_loss",
     "background_mask",
+    "bernoulli_kl_with_logits",
+    "confidence_weighted_ce",
     "consistency_loss",
+    "cosine_rampup",
     "cps_loss",
     "cps_objective",
     "cutmix_box",
+    "cutmix_boxes",
     "dice_loss",
     "dice_loss_function",
     "dice_loss_with_ignore",
+    "draw_cutmix",
     "ema_decay_at",
     "ema_update",
     "fuse_images",
@@ -98,13 +119,16 @@ __all__ = [
     "output_sum",
     "penalty_precision_context",
     "pseudo_labels_and_confidence",
+    "psmt_objective",
     "sample_eps",
     "semi_supervised_loss",
     "sigmoid_rampup",
     "soft_dice_loss",
     "supervised_loss",
     "supervised_objective",
+    "teacher_target",
     "total_loss",
     "two_class_dice_loss",
     "unimatch_objective",
+    "vat_perturbation",
 ]

@@ -2,7 +2,8 @@
 
 - :mod:`~gpcps_lightning.methods.base`: :class:`SegmentationModule`, the hooks and the training-step template.
 - :mod:`~gpcps_lightning.methods.step`: the manual optimisation step (precision, scaler, non-finite policy).
-- :mod:`~gpcps_lightning.methods.gpcps`, ``supervised``, ``cps``, ``mean_teacher``, ``unimatch``: the methods.
+- :mod:`~gpcps_lightning.methods.gpcps`, ``supervised``, ``cps``, ``mean_teacher``, ``psmt``, ``unimatch``:
+  the methods.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from gpcps_lightning.methods.base import SegmentationModule, TwoNetworkModule
 from gpcps_lightning.methods.cps import CPSModule
 from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.methods.mean_teacher import MeanTeacherModule
+from gpcps_lightning.methods.psmt import PSMTModule
 from gpcps_lightning.methods.step import ManualStepModule
 from gpcps_lightning.methods.supervised import SupervisedModule
 from gpcps_lightning.methods.unimatch import UniMatchModule
@@ -20,6 +22,7 @@ __all__ = [
     "GPCPSModule",
     "ManualStepModule",
     "MeanTeacherModule",
+    "PSMTModule",
     "SegmentationModule",
     "SupervisedModule",
     "TwoNetworkModule",
