@@ -67,7 +67,7 @@ from gpcps_lightning.inference.predict import load_module, resize_to_original
 from gpcps_lightning.inference.tta import TTA_SCALES, tta_probabilities
 from gpcps_lightning.methods.base import SegmentationModule
 from gpcps_lightning.methods.supervised import SupervisedModule
-from gpcps_lightning.provenance import jsonable, run_settings
+from gpcps_lightning.tools.provenance import jsonable, run_settings
 
 __all__ = [
     "STAGES",

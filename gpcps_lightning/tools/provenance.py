@@ -63,7 +63,10 @@ METHOD_ALIASES: dict[str, str] = {"gpcps_grad": "gpcps_row_II", "gpcps_semi": "g
 METHOD_LABELS: dict[str, str] = {
     "supervised": "UNet (supervised)",
     "cps": "CPS",
+    "gct": "GCT (the paper's CPC)",
     "mean_teacher": "Mean Teacher",
+    "psmt": "PS-MT",
+    "unimatch": "UniMatch",
     "gpcps_row_I": "GP-CPS L_sup only",
     "gpcps_row_II": "GP-CPS L_sup + L_grad",
     "gpcps_row_III": "GP-CPS L_sup + L_semi",
