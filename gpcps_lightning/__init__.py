@@ -7,6 +7,7 @@ from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervis
 from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule
 from gpcps_lightning.methods import (
     CPSModule,
+    GCTModule,
     GPCPSModule,
     MeanTeacherModule,
     SegmentationModule,
@@ -18,6 +19,7 @@ __all__ = [
     "CPSModule",
     "EvaluationBatch",
     "FolderDataModule",
+    "GCTModule",
     "GPCPSModule",
     "KvasirSEGDataModule",
     "MeanTeacherModule",
