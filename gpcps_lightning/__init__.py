@@ -8,6 +8,7 @@ from gpcps_lightning.data import FolderDataModule, KvasirSEGDataModule, Syntheti
 from gpcps_lightning.inference.predict import Segmenter
 from gpcps_lightning.methods import (
     CPSModule,
+    GCTModule,
     GPCPSModule,
     MeanTeacherModule,
     PSMTModule,
@@ -20,6 +21,7 @@ __all__ = [
     "CPSModule",
     "EvaluationBatch",
     "FolderDataModule",
+    "GCTModule",
     "GPCPSModule",
     "KvasirSEGDataModule",
     "MeanTeacherModule",

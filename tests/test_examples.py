@@ -72,6 +72,10 @@ SHRINK = [
 ]
 
 
+#: Further shrinking of the methods with networks of their own (by the model's class name).
+MODEL_SHRINK = {"GCTModule": ["--model.fd_channels=8"]}  # the flaw detector, 64 channels wide by default
+
+
 def _data_args(config: dict, tmp_path: Path) -> list[str]:
     data_class = config["data"]["class_path"]
     if data_class.endswith("KvasirSEGDataModule"):
@@ -101,6 +105,7 @@ def test_config_runs_two_steps(files: list[Path], tmp_path: Path, monkeypatch: p
         merged.update(yaml.safe_load(f.read_text()))
     args = [a for f in files for a in ("--config", str(f))]
     args += [*SHRINK, *_data_args(merged, tmp_path)]
+    args += MODEL_SHRINK.get(merged["model"]["class_path"].rsplit(".", 1)[-1], [])
     if merged.get("trainer", {}).get("precision") == "16-mixed":
         # Lightning turns "16-mixed" into bf16 on a CPU; the plugin keeps fp16 autocast and its scaler.
         args += [
@@ -133,6 +138,7 @@ def test_module_and_datamodule_arguments_do_not_clash() -> None:
     from gpcps_lightning import (
         CPSModule,
         FolderDataModule,
+        GCTModule,
         GPCPSModule,
         KvasirSEGDataModule,
         MeanTeacherModule,
@@ -140,6 +146,7 @@ def test_module_and_datamodule_arguments_do_not_clash() -> None:
         SegmentationModule,
         SupervisedModule,
         SyntheticPolypDataModule,
+        UniMatchModule,
     )
     from gpcps_lightning.data import SemiSupervisedDataModule
 
@@ -147,5 +154,13 @@ def test_module_and_datamodule_arguments_do_not_clash() -> None:
         return {p for c in classes for p in inspect.signature(c).parameters if p != "kwargs"}
 
     data = names(SemiSupervisedDataModule, FolderDataModule, KvasirSEGDataModule, SyntheticPolypDataModule)
-    for module in (GPCPSModule, SupervisedModule, CPSModule, MeanTeacherModule, PSMTModule):
+    for module in (
+        GPCPSModule,
+        SupervisedModule,
+        CPSModule,
+        MeanTeacherModule,
+        GCTModule,
+        PSMTModule,
+        UniMatchModule,
+    ):
         assert not names(module, SegmentationModule) & data, module.__name__

@@ -7,6 +7,7 @@
 - :mod:`~gpcps_lightning.losses.psmt`, :mod:`~gpcps_lightning.losses.unimatch`: PS-MT and UniMatch
   (docs/baselines.md). Their CutMix helpers differ (each follows its official code), so
   ``apply_cutmix`` is imported from the method's own module.
+- :mod:`~gpcps_lightning.losses.gct`: GCT's flaw maps, targets and objective.
 
 Every name is importable from ``gpcps_lightning.losses`` as well.
 """
@@ -36,6 +37,20 @@ from gpcps_lightning.losses.dice import (
     dice_loss_function,
     dice_loss_with_ignore,
     soft_dice_loss,
+)
+from gpcps_lightning.losses.gct import (
+    GCTLosses,
+    GCTMode,
+    blur_kernel_size,
+    dynamic_consistency_loss,
+    dynamic_consistency_targets,
+    flaw_correction_loss,
+    flaw_detector_loss,
+    flaw_detector_target,
+    gaussian_blur,
+    gaussian_kernel1d,
+    gct_objective,
+    postprocess_flaw_map,
 )
 from gpcps_lightning.losses.gpcps import (
     BackgroundVariant,
@@ -84,6 +99,8 @@ __all__ = [
     "DiceReduction",
     "DiceVariant",
     "EpsMode",
+    "GCTLosses",
+    "GCTMode",
     "GPCPSLosses",
     "MeanTeacherLosses",
     "PSMTLosses",
@@ -96,6 +113,7 @@ __all__ = [
     "authors_dice_loss",
     "background_mask",
     "bernoulli_kl_with_logits",
+    "blur_kernel_size",
     "confidence_weighted_ce",
     "consistency_loss",
     "cosine_rampup",
@@ -107,10 +125,18 @@ __all__ = [
     "dice_loss_function",
     "dice_loss_with_ignore",
     "draw_cutmix",
+    "dynamic_consistency_loss",
+    "dynamic_consistency_targets",
     "ema_decay_at",
     "ema_update",
+    "flaw_correction_loss",
+    "flaw_detector_loss",
+    "flaw_detector_target",
     "fuse_images",
     "fused_pseudo_labels",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "gct_objective",
     "gpcps_objective",
     "gradient_penalty",
     "hard_pseudo_labels",
@@ -118,6 +144,7 @@ __all__ = [
     "mean_teacher_objective",
     "output_sum",
     "penalty_precision_context",
+    "postprocess_flaw_map",
     "pseudo_labels_and_confidence",
     "psmt_objective",
     "sample_eps",

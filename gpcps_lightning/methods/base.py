@@ -89,8 +89,9 @@ class SegmentationModule(ManualStepModule):
     A subclass checks its own arguments, calls ``save_hyperparameters()`` and then
     :meth:`configure_networks`, and implements :meth:`trained_networks`, :meth:`head_probabilities`,
     :meth:`compute_losses` and :meth:`loss_terms`. The first head is the one :meth:`predict_step` returns
-    unless there is an ``"ensemble"``. One Adam trains all trained networks, one parameter group each (the
-    same update as one Adam per network, and ``global_step`` counts training steps).
+    unless there is an ``"ensemble"``. One Adam trains all trained networks, one parameter group each
+    (:meth:`parameter_groups`; the same update as one Adam per network, and ``global_step`` counts
+    training steps).
 
     Logged keys: ``train/<name>`` for losses, ``val/dice_<head>``, ``val/iou_<head>`` (and ``test/...``).
 
@@ -211,8 +212,17 @@ class SegmentationModule(ManualStepModule):
         heads = self.head_probabilities(images)
         return heads.get("ensemble", heads[self.head_names[0]])
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one per trained network, in :meth:`trained_networks` order.
+
+        A group may override the module's ``lr``, ``betas``, ``eps`` or ``weight_decay`` for its network
+        (GCT's flaw detector has its own learning rate and betas): one Adam with per-group settings
+        updates each parameter exactly as a separate Adam per network would.
+        """
+        return [{"params": list(net.parameters())} for net in self.trained_networks()]
+
     def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: D102
-        groups = [{"params": list(net.parameters())} for net in self.trained_networks()]
+        groups = self.parameter_groups()
         # The fused implementation (same algorithm) takes a fraction of the time of the default one. It
         # unscales fp16 gradients inside its step, after on_before_optimizer_step: with clipping, which
         # must see unscaled gradients, the multi-tensor implementation is used instead.
