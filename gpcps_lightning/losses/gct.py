@@ -4,7 +4,7 @@ Guided Collaborative Training: two task networks and a flaw detector that learns
 images, where a prediction is wrong. Its flaw maps decide, pixel by pixel, which network teaches the
 other (the dynamic consistency target) and where both are wrong (the flaw correction term). Each function
 follows a piece of the official implementation (ZHKKKe/PixelSSL, ``pixelssl/ssl_algorithm/ssl_gct.py``),
-named in its docstring; docs/baselines_gct.md lists the differences. Binary segmentation: one probability
+named in its docstring; docs/baselines.md lists the differences. Binary segmentation: one probability
 channel where the official code has a softmax over the classes (equivalent for two classes, see
 :func:`flaw_detector_target`).
 """

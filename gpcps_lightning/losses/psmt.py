@@ -1,6 +1,6 @@
 """PS-MT's losses and perturbations (Liu et al., CVPR 2022) as pure functions (no Lightning).
 
-Perturbed and Strict Mean Teachers, official code ``yyliu01/PS-MT`` (docs/baselines_psmt.md), adapted to
+Perturbed and Strict Mean Teachers, official code ``yyliu01/PS-MT`` (docs/baselines.md), adapted to
 one output channel: the teachers' target is their averaged sigmoid probability, the confidence of a pixel
 is ``max(p, 1 - p)`` and the virtual adversarial perturbation (T-VAT) maximises a Bernoulli KL.
 
@@ -310,7 +310,7 @@ def vat_perturbation(
     ``normalise`` divides by the norm per sample, so that the perturbation has norm ``eps`` as in the
     paper. The official ``_l2_normalize`` adds 1e-8 to the norm (``norm_eps=1e-8``); the gradient is of the
     order of ``xi`` times the KL's curvature, about 1e-11 on the library's UNets at ``xi = 1e-6``, so that
-    guard shrinks the perturbation to about 1e-4 of ``eps`` (docs/baselines_psmt.md).
+    guard shrinks the perturbation to about 1e-4 of ``eps`` (docs/baselines.md).
 
     The features are detached and the iteration runs in float32 with autocast off: a step of ``xi`` is
     lost to rounding in half precision. Only ``d`` is differentiated (no gradient reaches ``decode``'s

@@ -45,7 +45,7 @@ class GCTModule(TwoNetworkModule):
     Evaluation reports ``net1``, ``net2`` and ``ensemble`` (the selection and prediction head); the flaw
     detector is used in training only. Logged: ``train/loss``, ``train/loss_sup``, ``train/loss_flaw``,
     ``train/loss_dc``, ``train/loss_fd`` (unweighted) and ``train/dc_weight`` (``w(t)``).
-    docs/baselines_gct.md gives the sources of the defaults and the differences from the official code.
+    docs/baselines.md gives the sources of the defaults and the differences from the official code.
 
     Args:
         fc_weight: Weight of the flaw correction term (official ``fc_ssl_scale``, 1.0).

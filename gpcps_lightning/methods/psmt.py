@@ -89,7 +89,7 @@ class PSMTModule(SegmentationModule):
     ``student``. Logged: ``train/loss``, ``train/loss_sup`` (the student's Dice), ``train/loss_teachers``
     (the teachers' Dice during the warm-up, then 0), ``train/loss_unsup`` (unweighted), ``train/ramp`` and
     ``train/ema_teacher`` (1 or 2, the teacher averaged after the step; 0 during the warm-up). The buffer
-    ``ema_updates`` counts each teacher's moving-average updates. docs/baselines_psmt.md gives the
+    ``ema_updates`` counts each teacher's moving-average updates. docs/baselines.md gives the
     sources of the defaults and every departure from the official code.
 
     Distributed training needs ``strategy="ddp_find_unused_parameters_true"``: the teachers are trained
@@ -110,7 +110,7 @@ class PSMTModule(SegmentationModule):
         vat_eps: Norm of the T-VAT perturbation per sample (official: 2.0); 0 switches T-VAT off.
         vat_norm_eps: Added to the norm when T-VAT normalises its direction; 0 normalises exactly (the
             paper's ``eps * g / |g|``); the official code adds 1e-8, which shrinks the perturbation to
-            about 1e-4 of ``vat_eps`` on these networks (docs/baselines_psmt.md).
+            about 1e-4 of ``vat_eps`` on these networks (docs/baselines.md).
         vat_features: Which encoder features T-VAT perturbs: ``"all"`` that the decoder reads (one
             direction across them, the official decoder input being one tensor) or ``"deepest"`` only.
         vat_on_labeled: Perturb the student's features on the labeled images too (the official code does).

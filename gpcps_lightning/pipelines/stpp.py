@@ -1,7 +1,7 @@
 """ST++ (Yang et al., CVPR 2022; official code LiheYoung/ST-PlusPlus) as six resumable stages.
 
 "ST++: Make Self-training Work Better for Semi-supervised Semantic Segmentation", adapted to binary
-segmentation on the library's networks, data and trainings (docs/baselines_stpp.md):
+segmentation on the library's networks, data and trainings (docs/baselines.md):
 
 1. ``supervised``: :class:`~gpcps_lightning.SupervisedModule` on the labeled images (the datamodule given),
    with weights-only snapshots at 1/3, 2/3 and the end of training (the official ``epochs // 3``,
