@@ -417,3 +417,16 @@ def test_nonfinite_flag_reaches_every_gradient(tiny_net: dict[str, Any], flag: f
             assert torch.isnan(got).all()
         else:
             torch.testing.assert_close(got, want)
+
+
+def test_other_methods_are_benchmarked_on_request() -> None:
+    kinds = ["supervised", "cps", *bench.METHOD_KINDS]
+    report = bench.run_benchmark(tiny_config(), kinds, isolate=False)
+    assert list(report.summary) == kinds
+    for kind in bench.METHOD_KINDS:
+        assert report.summary[kind]["losses_finite"], kind
+        assert report.summary[kind]["flops_per_step"] > report.summary["supervised"]["flops_per_step"], kind
+        assert report.ratios[f"{kind}_over_supervised"]["median"] > 0
+        assert f"{kind}_over_cps" in report.ratios
+    # The default set is unchanged: the other methods run only when asked for.
+    assert bench.STEP_KINDS == ("supervised", "cps", "gpcps", "gpcps_lazy", "plain")

@@ -20,7 +20,7 @@ from __future__ import annotations
 # gpcps_lightning.bench.
 from gpcps_lightning.tools.bench.batches import make_batches
 from gpcps_lightning.tools.bench.cli import main
-from gpcps_lightning.tools.bench.config import STEP_KINDS, BenchConfig
+from gpcps_lightning.tools.bench.config import ALL_KINDS, METHOD_KINDS, STEP_KINDS, BenchConfig
 from gpcps_lightning.tools.bench.lightning_kinds import _lightning_module as _lightning_module
 from gpcps_lightning.tools.bench.measure import KindResult, count_step_flops
 from gpcps_lightning.tools.bench.measure import _finish as _finish
@@ -31,6 +31,8 @@ from gpcps_lightning.tools.bench.runner import _run_kind_isolated as _run_kind_i
 from gpcps_lightning.tools.bench.runner import run_benchmark, run_kind
 
 __all__ = [
+    "ALL_KINDS",
+    "METHOD_KINDS",
     "STEP_KINDS",
     "BenchConfig",
     "BenchReport",

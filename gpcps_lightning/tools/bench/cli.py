@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gpcps_lightning.tools.bench.config import STEP_KINDS, BenchConfig
+from gpcps_lightning.tools.bench.config import METHOD_KINDS, STEP_KINDS, BenchConfig
 from gpcps_lightning.tools.bench.profiling import profile_step
 from gpcps_lightning.tools.bench.report import format_report
 from gpcps_lightning.tools.bench.runner import run_benchmark, run_kind
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kinds",
         default=",".join(STEP_KINDS),
-        help=f"Comma-separated step kinds (default: {','.join(STEP_KINDS)}).",
+        help=f"Comma-separated step kinds (default: {','.join(STEP_KINDS)}; also: {','.join(METHOD_KINDS)}).",
     )
     p.add_argument(
         "--rounds", type=int, default=1, help="Run all kinds this many times in rotation (default: 1)."

@@ -8,12 +8,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["STEP_KINDS", "BenchConfig"]
+__all__ = ["ALL_KINDS", "METHOD_KINDS", "STEP_KINDS", "BenchConfig"]
 
 #: The step kinds, in the order they run and are reported: ``supervised`` (``L_sup`` only), ``cps``
 #: (``L_sup + L_semi``), ``gpcps`` (the penalty every step), ``gpcps_lazy`` (every ``lazy_k`` steps) and
 #: ``plain`` (GP-CPS as a plain PyTorch loop, no Lightning).
 STEP_KINDS: tuple[str, ...] = ("supervised", "cps", "gpcps", "gpcps_lazy", "plain")
+#: Further kinds, run only when ``--kinds`` names them: the other methods' modules with their shipped
+#: defaults on the same networks and batches (``mean_teacher``, ``gct``, ``psmt``, ``unimatch``). Their
+#: ratios to ``supervised`` (a two-network step with the losses off, the same as ``cps`` minus ``L_semi``)
+#: and to ``cps`` are in the report.
+METHOD_KINDS: tuple[str, ...] = ("mean_teacher", "gct", "psmt", "unimatch")
+ALL_KINDS: tuple[str, ...] = STEP_KINDS + METHOD_KINDS
 
 _PRECISIONS = {
     "32": "32",

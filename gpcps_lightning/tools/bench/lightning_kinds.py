@@ -17,9 +17,17 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpcps_lightning.batch import SemiSupervisedBatch
+from gpcps_lightning.methods.base import SegmentationModule
 from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.tools.bench.batches import _CycleDataset, _identity
-from gpcps_lightning.tools.bench.config import _LAMBDA_GRAD, _LAMBDA_SEMI, _SEEDS, STEP_KINDS, BenchConfig
+from gpcps_lightning.tools.bench.config import (
+    _LAMBDA_GRAD,
+    _LAMBDA_SEMI,
+    _SEEDS,
+    ALL_KINDS,
+    METHOD_KINDS,
+    BenchConfig,
+)
 from gpcps_lightning.tools.bench.measure import (
     KindResult,
     _finish,
@@ -42,7 +50,7 @@ def _module_kwargs(kind: str, config: BenchConfig) -> dict[str, Any]:
         return {"lambda_grad": _LAMBDA_GRAD, "lambda_semi": _LAMBDA_SEMI}
     if kind == "gpcps_lazy":
         return {"lambda_grad": _LAMBDA_GRAD, "lambda_semi": _LAMBDA_SEMI, "gp_every_n_steps": config.lazy_k}
-    raise ValueError(f"Unknown step kind {kind!r}; choose from {', '.join(STEP_KINDS)}.")
+    raise ValueError(f"Unknown step kind {kind!r}; choose from {', '.join(ALL_KINDS)}.")
 
 
 class _StepRecorder(Callback):
@@ -96,8 +104,25 @@ def _trainer(config: BenchConfig, max_steps: int, callbacks: list[Callback]) -> 
     )
 
 
-def _lightning_module(kind: str, config: BenchConfig) -> GPCPSModule:
-    module = GPCPSModule(seeds=_SEEDS, **_module_kwargs(kind, config), **config.network_args())
+def _method_module(kind: str, config: BenchConfig) -> SegmentationModule:
+    """Another method's module with its shipped defaults (``METHOD_KINDS``)."""
+    import gpcps_lightning
+
+    cls = {
+        "mean_teacher": gpcps_lightning.MeanTeacherModule,
+        "gct": gpcps_lightning.GCTModule,
+        "psmt": gpcps_lightning.PSMTModule,
+        "unimatch": gpcps_lightning.UniMatchModule,
+    }[kind]
+    seeds: dict[str, Any] = {"seeds": _SEEDS} if kind == "gct" else {"network_seed": _SEEDS[0]}
+    return cls(**seeds, **config.network_args())
+
+
+def _lightning_module(kind: str, config: BenchConfig) -> SegmentationModule:
+    if kind in METHOD_KINDS:
+        module = _method_module(kind, config)
+    else:
+        module = GPCPSModule(seeds=_SEEDS, **_module_kwargs(kind, config), **config.network_args())
     if config.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module

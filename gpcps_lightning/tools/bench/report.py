@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpcps_lightning.tools.bench.config import BenchConfig
+from gpcps_lightning.tools.bench.config import METHOD_KINDS, BenchConfig
 from gpcps_lightning.tools.bench.measure import KindResult
 
 __all__ = ["BenchReport", "format_report"]
@@ -81,6 +81,8 @@ def _make_report(
             "gpcps_lazy_over_cps": _ratio(all_rounds, "gpcps_lazy", "cps"),
             "gpcps_over_plain": _ratio(all_rounds, "gpcps", "plain"),
             "cps_over_supervised": _ratio(all_rounds, "cps", "supervised"),
+            **{f"{m}_over_supervised": _ratio(all_rounds, m, "supervised") for m in METHOD_KINDS},
+            **{f"{m}_over_cps": _ratio(all_rounds, m, "cps") for m in METHOD_KINDS},
         }.items()
         if value is not None
     }

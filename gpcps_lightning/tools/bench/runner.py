@@ -21,7 +21,7 @@ import torch
 
 from gpcps_lightning._utils import code_version
 from gpcps_lightning.tools.bench.batches import make_batches
-from gpcps_lightning.tools.bench.config import STEP_KINDS, BenchConfig
+from gpcps_lightning.tools.bench.config import ALL_KINDS, STEP_KINDS, BenchConfig
 from gpcps_lightning.tools.bench.lightning_kinds import _run_lightning
 from gpcps_lightning.tools.bench.measure import KindResult
 from gpcps_lightning.tools.bench.plain import _run_plain
@@ -34,7 +34,7 @@ def run_kind(kind: str, config: BenchConfig) -> KindResult:
     """Benchmark one step kind in this process.
 
     Args:
-        kind: One of :data:`STEP_KINDS`.
+        kind: One of :data:`ALL_KINDS`.
         config: The configuration (checked here).
 
     Returns:
@@ -44,8 +44,8 @@ def run_kind(kind: str, config: BenchConfig) -> KindResult:
         ValueError: On an unknown kind or a bad configuration.
     """
     config = config.checked()
-    if kind not in STEP_KINDS:
-        raise ValueError(f"Unknown step kind {kind!r}; choose from {', '.join(STEP_KINDS)}.")
+    if kind not in ALL_KINDS:
+        raise ValueError(f"Unknown step kind {kind!r}; choose from {', '.join(ALL_KINDS)}.")
     device = config.torch_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -144,7 +144,7 @@ def run_benchmark(
 
     Args:
         config: The configuration (checked here).
-        kinds: Step kinds, a subset of :data:`STEP_KINDS`.
+        kinds: Step kinds, a subset of :data:`ALL_KINDS`.
         rounds: How many times to run every kind; ratios are taken within a round, then their median.
         isolate: Run each kind in a fresh subprocess; ``None``: on the CPU only (where peak RSS needs it;
             on CUDA the allocator's peak is reset per kind instead).
@@ -160,9 +160,9 @@ def run_benchmark(
     """
     config = config.checked()
     kinds = list(kinds)
-    unknown = [k for k in kinds if k not in STEP_KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):
-        raise ValueError(f"--kinds must be distinct names from {', '.join(STEP_KINDS)}, got {kinds}.")
+        raise ValueError(f"--kinds must be distinct names from {', '.join(ALL_KINDS)}, got {kinds}.")
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}.")
     if isolate is None:
