@@ -428,5 +428,6 @@ def test_other_methods_are_benchmarked_on_request() -> None:
         assert report.summary[kind]["flops_per_step"] > report.summary["supervised"]["flops_per_step"], kind
         assert report.ratios[f"{kind}_over_supervised"]["median"] > 0
         assert f"{kind}_over_cps" in report.ratios
+        assert f"{kind} / supervised step" in bench.format_report(report)
     # The default set is unchanged: the other methods run only when asked for.
     assert bench.STEP_KINDS == ("supervised", "cps", "gpcps", "gpcps_lazy", "plain")

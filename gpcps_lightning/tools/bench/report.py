@@ -141,6 +141,8 @@ def format_report(report: BenchReport) -> str:
         "gpcps_over_plain": "Lightning overhead, gpcps / plain step",
         "cps_over_supervised": "cps / supervised step",
         "gpcps_over_cps_flops": "FLOP ratio gpcps / cps",
+        **{f"{m}_over_supervised": f"{m} / supervised step" for m in METHOD_KINDS},
+        **{f"{m}_over_cps": f"{m} / cps step" for m in METHOD_KINDS},
     }
     for name, value in report.ratios.items():
         per_round = value.get("per_round")
