@@ -15,9 +15,9 @@ __all__ = ["ALL_KINDS", "METHOD_KINDS", "STEP_KINDS", "BenchConfig"]
 #: ``plain`` (GP-CPS as a plain PyTorch loop, no Lightning).
 STEP_KINDS: tuple[str, ...] = ("supervised", "cps", "gpcps", "gpcps_lazy", "plain")
 #: Further kinds, run only when ``--kinds`` names them: the other methods' modules with their shipped
-#: defaults on the same networks and batches (``mean_teacher``, ``gct``, ``psmt``, ``unimatch``). Their
-#: ratios to ``supervised`` (a two-network step with the losses off, the same as ``cps`` minus ``L_semi``)
-#: and to ``cps`` are in the report.
+#: defaults on the same networks and batches (``mean_teacher``, ``gct``, ``psmt`` after its supervised
+#: warm-up, ``unimatch``). The report gives their ratios to ``supervised`` (note: two networks' ``L_sup``,
+#: i.e. ``cps`` without ``L_semi``; a one-network UNet step costs about half) and to ``cps``.
 METHOD_KINDS: tuple[str, ...] = ("mean_teacher", "gct", "psmt", "unimatch")
 ALL_KINDS: tuple[str, ...] = STEP_KINDS + METHOD_KINDS
 

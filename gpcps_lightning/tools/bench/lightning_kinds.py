@@ -114,8 +114,10 @@ def _method_module(kind: str, config: BenchConfig) -> SegmentationModule:
         "psmt": gpcps_lightning.PSMTModule,
         "unimatch": gpcps_lightning.UniMatchModule,
     }[kind]
-    seeds: dict[str, Any] = {"seeds": _SEEDS} if kind == "gct" else {"network_seed": _SEEDS[0]}
-    return cls(**seeds, **config.network_args())
+    args: dict[str, Any] = {"seeds": _SEEDS} if kind == "gct" else {"network_seed": _SEEDS[0]}
+    if kind == "psmt":
+        args["warmup_steps"] = 0  # time PS-MT's own step, not its supervised warm-up
+    return cls(**args, **config.network_args())
 
 
 def _lightning_module(kind: str, config: BenchConfig) -> SegmentationModule:
