@@ -309,6 +309,14 @@ def flaw_correction_loss(flaw: Tensor, mask: Tensor | None = None) -> Tensor:
     return (mask.detach().to(f.dtype) * f * f).mean()
 
 
+def _mse_to_detached_target(name: str, x: Tensor, target: Tensor) -> Tensor:
+    # Both MSE terms of GCT: the network (or detector) output ``x`` against a target that is not trained.
+    _check_map(name, x)
+    _check_map("target", target)
+    _check_same_shape(name, x, "target", target)
+    return F.mse_loss(_as_float(x), _as_float(target.detach()))
+
+
 def dynamic_consistency_loss(probs: Tensor, target: Tensor) -> Tensor:
     """GCT's dynamic consistency term: ``mean((p - target)^2)`` with the target detached.
 
@@ -325,10 +333,7 @@ def dynamic_consistency_loss(probs: Tensor, target: Tensor) -> Tensor:
     Shape:
         - probs, target: (N, 1, H, W)
     """
-    _check_map("probs", probs)
-    _check_map("target", target)
-    _check_same_shape("probs", probs, "target", target)
-    return F.mse_loss(_as_float(probs), _as_float(target.detach()))
+    return _mse_to_detached_target("probs", probs, target)
 
 
 def flaw_detector_loss(flaw: Tensor, target: Tensor) -> Tensor:
@@ -347,10 +352,7 @@ def flaw_detector_loss(flaw: Tensor, target: Tensor) -> Tensor:
     Shape:
         - flaw, target: (N, 1, H, W)
     """
-    _check_map("flaw", flaw)
-    _check_map("target", target)
-    _check_same_shape("flaw", flaw, "target", target)
-    return F.mse_loss(_as_float(flaw), _as_float(target.detach()))
+    return _mse_to_detached_target("flaw", flaw, target)
 
 
 # ---------------------------------------------------------------------------------------------------
