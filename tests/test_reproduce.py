@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from gpcps_lightning.pipelines import STAGES, STPPOptions
 from gpcps_lightning.tools.provenance import (
     METHOD_ALIASES,
     code_version,
@@ -711,3 +712,114 @@ def test_no_augment_reaches_the_datamodule(tmp_path: Path) -> None:
     common = ["run", "--data", "synthetic", "--data-root", str(tmp_path), "--image-size", "32"]
     assert _make_datamodule(_parser().parse_args(common), 0.25, 0).augment is True
     assert _make_datamodule(_parser().parse_args([*common, "--no-augment"]), 0.25, 0).augment is False
+
+
+# ============================================================================ ST++ through the runner
+def _stpp_args(out: Path, data: Path, *extra: str) -> list[str]:
+    args = _run_args(out, data, Path("unused"), "--max-steps", "3", "--val-every", "3", *extra)
+    i = args.index("--methods")
+    args[i + 1] = "stpp"
+    j = args.index("--method-config")
+    del args[j : j + 2]
+    return args
+
+
+@pytest.fixture(scope="module")
+def stpp_out(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped `stpp` method config run once by the runner (3 steps per training)."""
+    out = tmp_path_factory.mktemp("stpp") / "out"
+    assert main(_stpp_args(out, tiny["data"])) == 0
+    return out
+
+
+def test_stpp_runs_through_the_runner_and_its_record_is_tested_like_any_other(
+    stpp_out: Path, tiny: dict[str, Any]
+) -> None:
+    from gpcps_lightning import SupervisedModule
+    from gpcps_lightning.checkpointing import read_checkpoint
+
+    record = json.loads(record_path(stpp_out, "stpp", 0.25, 0).read_text())
+    run_dir = stpp_out / "runs" / "stpp" / "1of4" / "seed0"
+    assert record["label"] == "ST++" and record["method_config"]["stpp"]["reliable_fraction"] == 0.5
+    assert record["settings"]["model.class_path"] == "gpcps_lightning.SupervisedModule"
+    # the ST++ options are settings (a changed option is another row); the seed reaches the network
+    assert {k: v for k, v in record["settings"].items() if k.startswith("stpp.")} == STPPOptions().settings()
+    assert record["settings"]["model.network_seed"] == 1
+    stpp = record["stpp"]
+    assert stpp["checkpoint"] == "stpp/6_retrain_all/checkpoints/best.ckpt" and not stpp["reused_stages"]
+    assert sorted(stpp["stage_seconds"]) == sorted(STAGES)  # (JSON records sort their keys)
+    assert record["wall_time_s"] == pytest.approx(sum(stpp["stage_seconds"].values()), abs=0.5)
+    assert stpp["reliable_images"] + stpp["unreliable_images"] == record["resolved"]["images"]["unlabeled"]
+    # the test score is the final checkpoint's, evaluated as the runner evaluates any run's
+    best = run_dir / stpp["checkpoint"]
+    assert record["best_step"] == read_checkpoint(best)["global_step"] == 3
+    module = SupervisedModule.load_from_checkpoint(best)
+    images = _per_image_scores(module, tiny["data"], record)
+    assert images == pytest.approx([row[1] for row in record["test_images"]["net1"]], abs=1e-6)
+    assert "| ST++ | measured |" in make_tables(load_records(stpp_out))
+
+
+def _per_image_scores(module: Any, data: Path, record: dict) -> list[float | None]:
+    from gpcps_lightning.inference.evaluate import evaluate_module
+    from gpcps_lightning.inference.predict import Preprocessing
+    from gpcps_lightning.tools.reproduce import _make_datamodule
+
+    args = argparse.Namespace(
+        batch_size=2, image_size=32, num_workers=0, eval_at_training_size=False, steps_per_epoch=None,
+        data="synthetic", data_root=str(data), synthetic_images=20,
+    )  # fmt: skip
+    datamodule = _make_datamodule(args, 0.25, 0)
+    datamodule.setup("test")
+    pairs = datamodule.test_dataset.pairs
+    scores = evaluate_module(module, pairs, Preprocessing.from_datamodule(datamodule), heads="all")
+    return [s.dice for s in scores["net1"]]
+
+
+def test_stpp_record_is_reused_and_an_interrupted_pipeline_resumes_its_stages(
+    stpp_out: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(stpp_out, out)
+    target = record_path(out, "stpp", 0.25, 0)
+    first = json.loads(target.read_text())
+    before = target.read_bytes()
+    assert main(_stpp_args(out, tiny["data"])) == 0
+    assert target.read_bytes() == before  # finished: skipped
+    # the record lost, the stages kept: every stage is reused and the scores come back the same
+    target.unlink()
+    assert main(_stpp_args(out, tiny["data"])) == 0
+    again = json.loads(target.read_text())
+    assert again["stpp"]["reused_stages"] == list(STAGES) and again["resumed"]
+    assert again["test"] == first["test"] and again["stpp"]["stage_seconds"] == first["stpp"]["stage_seconds"]
+    # another setting is refused before anything trains, naming it
+    target.unlink()
+    with pytest.raises(ValueError, match=r"holds an interrupted run with other settings.*model\.lr"):
+        main(_stpp_args(out, tiny["data"], "--lr", "1e-3"))
+    # a later --external folder is scored on ST++'s final checkpoint
+    assert main(_stpp_args(out, tiny["data"])) == 0
+    external = tmp_path / "other_hospital"
+    shutil.copytree(tiny["data"], external)
+    assert main(_stpp_args(out, tiny["data"], "--external", str(external))) == 0
+    from gpcps_lightning.inference.evaluate import evaluate_checkpoints
+
+    entry = json.loads(target.read_text())["external"]["other_hospital"]
+    best = out / "runs" / "stpp" / "1of4" / "seed0" / "stpp" / "6_retrain_all" / "checkpoints" / "best.ckpt"
+    (result,) = evaluate_checkpoints([best], [external], head="all").results
+    assert entry["dice_net1"] == pytest.approx(result.mean_dice, abs=1e-6)
+
+
+def test_stpp_method_config_rejections(tmp_path: Path) -> None:
+    from gpcps_lightning.tools.reproduce import _stpp_options
+
+    path = tmp_path / "m.yaml"
+    path.write_text("model: {class_path: gpcps_lightning.SupervisedModule}\nstpp: [0.5]\n")
+    with pytest.raises(ValueError, match=r"`stpp` must be a mapping of ST\+\+ options"):
+        load_method_config(path)
+    path.write_text("model: {class_path: gpcps_lightning.CPSModule}\nstpp: {}\n")
+    with pytest.raises(ValueError, match=r"m\.yaml has an `stpp:` block, so ST\+\+ trains its model"):
+        _stpp_options(load_method_config(path))
+    path.write_text("model: {class_path: gpcps_lightning.SupervisedModule}\nstpp: {reliable_fraction: 2}\n")
+    with pytest.raises(ValueError, match=r"m\.yaml, `stpp:` block: `reliable_fraction` must be in \(0, 1\]"):
+        _stpp_options(load_method_config(path))
+    path.write_text("model: {class_path: gpcps_lightning.SupervisedModule}\nstpp:\n")
+    assert _stpp_options(load_method_config(path)) == STPPOptions()

@@ -66,6 +66,7 @@ METHOD_LABELS: dict[str, str] = {
     "gct": "GCT (the paper's CPC)",
     "mean_teacher": "Mean Teacher",
     "psmt": "PS-MT",
+    "stpp": "ST++",
     "unimatch": "UniMatch",
     "gpcps_row_I": "GP-CPS L_sup only",
     "gpcps_row_II": "GP-CPS L_sup + L_grad",
@@ -122,6 +123,9 @@ class MethodConfig:
         file: The file's name (no folder: records hold no machine paths).
         shipped: Whether the file is one of the package's method configs.
         sha256: Hash of the file's bytes.
+        stpp: The file's ``stpp:`` block (ST++'s options, see
+            :class:`~gpcps_lightning.pipelines.STPPOptions`), or ``None``: a method config with one is
+            trained by the ST++ pipeline, its ``model:`` block being the SupervisedModule it trains.
     """
 
     name: str
@@ -130,6 +134,7 @@ class MethodConfig:
     file: str
     shipped: bool
     sha256: str
+    stpp: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -138,13 +143,16 @@ class MethodConfig:
 
     def describe(self) -> dict[str, Any]:
         """The method config as a record stores it."""
-        return {
+        described = {
             "name": self.name,
             "file": self.file,
             "shipped": self.shipped,
             "sha256": self.sha256,
             "model": {"class_path": self.class_path, "init_args": jsonable(self.init_args)},
         }
+        if self.stpp is not None:
+            described["stpp"] = jsonable(self.stpp)
+        return described
 
 
 def shipped_method_dir() -> Traversable:
@@ -213,7 +221,7 @@ def _parse_method_config(data: bytes, origin: str, name: str, *, shipped: bool) 
             "like the shipped ones (`gpcps reproduce methods` lists them)."
         )
     trainer = content.get("trainer") or {}
-    extra = sorted(set(content) - {"model", "trainer"}) + sorted(
+    extra = sorted(set(content) - {"model", "trainer", "stpp"}) + sorted(
         f"model.{k}" for k in set(model) - {"class_path", "init_args"}
     )
     extra += sorted(f"trainer.{k}" for k in trainer) if isinstance(trainer, dict) else ["trainer"]
@@ -234,6 +242,13 @@ def _parse_method_config(data: bytes, origin: str, name: str, *, shipped: bool) 
             f"Method config {origin} sets model.init_args.{runner_set[0]}: the runner derives the networks' "
             "seeds from --seeds (seed s: 2s+1 and 2s+2); remove it."
         )
+    stpp = None
+    if "stpp" in content:  # options are checked by the runner, which imports the pipeline
+        stpp = content["stpp"] if content["stpp"] is not None else {}
+        if not isinstance(stpp, dict):
+            raise ValueError(
+                f"Method config {origin}: `stpp` must be a mapping of ST++ options (or empty), got {stpp!r}."
+            )
     return MethodConfig(
         name=name,
         class_path=model["class_path"],
@@ -241,6 +256,7 @@ def _parse_method_config(data: bytes, origin: str, name: str, *, shipped: bool) 
         file=Path(origin).name,
         shipped=shipped,
         sha256=hashlib.sha256(data).hexdigest(),
+        stpp=stpp,
     )
 
 

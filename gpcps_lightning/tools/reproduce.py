@@ -128,7 +128,8 @@ def _module_class(config: MethodConfig) -> type:
     return cls
 
 
-def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> Any:
+def _module_kwargs(config: MethodConfig, args: argparse.Namespace, seed: int) -> tuple[type, dict[str, Any]]:
+    """The module class of a method config and its arguments for one run (command line and seed applied)."""
     import inspect
 
     cls = _module_class(config)
@@ -151,6 +152,11 @@ def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> A
         kwargs["seeds"] = (2 * seed + 1, 2 * seed + 2)
     elif "network_seed" in parameters:
         kwargs["network_seed"] = 2 * seed + 1
+    return cls, kwargs
+
+
+def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> Any:
+    cls, kwargs = _module_kwargs(config, args, seed)
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -168,10 +174,18 @@ class _Run:
     fraction: float
     seed: int
     module: Any
+    module_kwargs: dict[str, Any]
     datamodule: Any
     settings: dict[str, Any]
     target: Path
     run_dir: Path
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the run folder holds a started, unfinished run (to resume)."""
+        if self.config.stpp is not None:  # the pipeline's stages resume themselves
+            return (self.run_dir / "settings.json").is_file()
+        return (self.run_dir / "checkpoints" / "last.ckpt").exists()
 
 
 def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float, seed: int) -> _Run:
@@ -184,12 +198,15 @@ def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float
     settings = run_settings(
         module, datamodule, max_steps=args.max_steps, val_every=args.val_every, precision=args.precision
     )
+    if config.stpp is not None:
+        settings.update(_stpp_options(config).settings())
     out = Path(args.out)
     return _Run(
         config,
         fraction,
         seed,
         module,
+        _module_kwargs(config, args, seed)[1],
         datamodule,
         settings,
         record_path(out, config.name, fraction, seed),
@@ -223,13 +240,13 @@ def _reusable_record(run: _Run) -> dict[str, Any] | None:
                 "settings, or delete the record to rerun that run with them."
             )
         return record
-    if (run.run_dir / "checkpoints" / "last.ckpt").exists():
+    if run.interrupted:
         stored = run.run_dir / "settings.json"
         try:
             recorded = json.loads(stored.read_text())["settings"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(
-                f"Run folder {run.run_dir} holds an interrupted run (checkpoints/last.ckpt) without readable "
+                f"Run folder {run.run_dir} holds an interrupted run without readable "
                 "settings (settings.json; an older runner wrote it), so resuming it cannot be checked "
                 "against this command: delete the folder to start that run afresh, or pass another --out."
             ) from None
@@ -272,12 +289,6 @@ def run_one(
         ValueError: On an unknown method, a bad method config, or a finished record / interrupted run
             whose settings differ from this command's (the message names the settings).
     """
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    from gpcps_lightning.checkpointing import SafeCheckpointIO
-
     config = method if isinstance(method, MethodConfig) else load_method_config(method)
     run = _build(args, config, fraction, seed)
     finished = _reusable_record(run)
@@ -289,8 +300,7 @@ def run_one(
                 tmp.write_text(json.dumps(finished, indent=2, sort_keys=True) + "\n")
         return finished
     module, datamodule = run.module, run.datamodule
-    last = run.run_dir / "checkpoints" / "last.ckpt"
-    resumed = last.exists()
+    resumed = run.interrupted
     # The code that trains: read before training, as the checkout may move on meanwhile.
     code, versions = code_version(), library_versions()
     started: dict[str, Any] = {"settings": run.settings, "code": code, "versions": versions}
@@ -300,38 +310,15 @@ def run_one(
         with atomic_path(run.run_dir / "settings.json") as tmp:
             tmp.write_text(json.dumps(started, indent=2, sort_keys=True))
     monitor = f"val/dice_{module.selection_head}"
-    checkpoint = ModelCheckpoint(
-        dirpath=run.run_dir / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode="max",
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_steps=args.max_steps,
-        check_val_every_n_epoch=None,
-        val_check_interval=args.val_every,
-        num_sanity_val_steps=0,
-        callbacks=[checkpoint],
-        logger=CSVLogger(run.run_dir, name="logs"),
-        plugins=[SafeCheckpointIO()],
-        enable_progress_bar=args.progress_bar,
-        enable_model_summary=False,
-        default_root_dir=run.run_dir,
-    )
-    clock = time.perf_counter()
-    trainer.fit(module, datamodule, ckpt_path=str(last) if resumed else None)
-    train_seconds = time.perf_counter() - clock
-    best = checkpoint.best_model_path
-    folder = (run.run_dir / "checkpoints").resolve()
-    if not best or Path(best).resolve().parent != folder:  # a resumed run whose --out folder was moved
-        best = str(folder / "best.ckpt") if (folder / "best.ckpt").exists() else str(last)
-    val = _metrics(trainer.validate(module, datamodule, ckpt_path=best, verbose=False))
-    test = _metrics(trainer.test(module, datamodule, ckpt_path=best, verbose=False))
+    if config.stpp is None:
+        trainer, best, train_seconds = _train(args, run, monitor, resumed)
+        pipeline: dict[str, Any] | None = None
+    else:
+        trainer, best, train_seconds, pipeline = _train_stpp(args, run)
+    # ST++'s final weights are already in `module` (its checkpoint holds its own trainings' callbacks)
+    selected = best if pipeline is None else None
+    val = _metrics(trainer.validate(module, datamodule, ckpt_path=selected, verbose=False))
+    test = _metrics(trainer.test(module, datamodule, ckpt_path=selected, verbose=False))
     # trainer.test loaded the selected checkpoint into `module`: score it image by image.
     test_images = _per_image(module, datamodule.test_dataset.pairs, datamodule)
     external = {Path(d).name: _external_entry(module, d, datamodule) for d in _external_folders(args)}
@@ -389,7 +376,8 @@ def run_one(
         "versions": versions,
         "machine": _machine(),
         "wall_time_s": round(train_seconds, 1),
-        # a resumed run's wall time covers the part after the interruption only
+        # a resumed run's wall time covers the part after the interruption only (ST++: of the training
+        # that was interrupted)
         "resumed": resumed,
         "best_step": _read_step(best),
         "selection_head": module.selection_head,
@@ -401,6 +389,8 @@ def run_one(
     }
     if external:
         record["external"] = external
+    if pipeline is not None:
+        record["stpp"] = pipeline
     history = getattr(module, "penalty_share_history", None)
     if history:
         record["diagnostics"] = {"penalty_share": _share_summary(history, resumed)}
@@ -410,6 +400,117 @@ def run_one(
     with atomic_path(run.target) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> tuple[Any, str, float]:
+    """Fit one run's module (resuming from ``last.ckpt``): the trainer, the selected checkpoint, seconds."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gpcps_lightning.checkpointing import SafeCheckpointIO
+
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = ModelCheckpoint(
+        dirpath=run.run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.max_steps,
+        check_val_every_n_epoch=None,
+        val_check_interval=args.val_every,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint],
+        logger=CSVLogger(run.run_dir, name="logs"),
+        plugins=[SafeCheckpointIO()],
+        enable_progress_bar=args.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=run.run_dir,
+    )
+    clock = time.perf_counter()
+    trainer.fit(run.module, run.datamodule, ckpt_path=str(last) if resumed else None)
+    seconds = time.perf_counter() - clock
+    best = checkpoint.best_model_path
+    folder = (run.run_dir / "checkpoints").resolve()
+    if not best or Path(best).resolve().parent != folder:  # a resumed run whose --out folder was moved
+        best = str(folder / "best.ckpt") if (folder / "best.ckpt").exists() else str(last)
+    return trainer, best, seconds
+
+
+def _stpp_options(config: MethodConfig) -> Any:
+    """The ST++ options of a method config with an ``stpp:`` block (checked).
+
+    Raises:
+        ValueError: If its model is not a SupervisedModule or an option is invalid (the file is named).
+    """
+    from gpcps_lightning.methods.supervised import SupervisedModule
+    from gpcps_lightning.pipelines.stpp import STPPOptions
+
+    if not issubclass(_module_class(config), SupervisedModule):
+        raise ValueError(
+            f"Method config {config.file} has an `stpp:` block, so ST++ trains its model, which must be "
+            f"gpcps_lightning.SupervisedModule (ST++ self-trains one network); got {config.class_path!r}."
+        )
+    try:
+        return STPPOptions.from_mapping(config.stpp)
+    except ValueError as err:
+        raise ValueError(f"Method config {config.file}, `stpp:` block: {err}") from err
+
+
+#: The ST++ pipeline's folder inside a run folder.
+_STPP_DIR = "stpp"
+
+
+def _train_stpp(args: argparse.Namespace, run: _Run) -> tuple[Any, str, float, dict[str, Any]]:
+    """Run ST++'s stages in ``<run>/stpp``, reusing finished ones.
+
+    Returns an evaluation trainer, the final checkpoint, the stages' summed seconds and the record's
+    ``stpp`` entry.
+    """
+    import lightning as L
+
+    from gpcps_lightning.checkpointing import read_checkpoint
+    from gpcps_lightning.pipelines.stpp import stpp_run
+
+    result = stpp_run(
+        run.datamodule,
+        module_args=run.module_kwargs,
+        max_steps=args.max_steps,
+        val_every=args.val_every,
+        out_dir=run.run_dir / _STPP_DIR,
+        precision=args.precision,
+        accelerator=args.accelerator,
+        seed=run.seed,
+        options=_stpp_options(run.config),
+        progress_bar=args.progress_bar,
+    )
+    run.module.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_progress_bar=args.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=run.run_dir,
+    )
+    seconds = result.stage_seconds
+    reliability = json.loads(result.reliability.read_text())
+    entry = {
+        "checkpoint": result.checkpoint.relative_to(run.run_dir).as_posix(),
+        "stage_seconds": {name: round(value, 1) for name, value in seconds.items()},
+        "reused_stages": result.skipped,
+        "reliable_images": len(reliability["reliable"]),
+        "unreliable_images": len(reliability["unreliable"]),
+    }
+    return trainer, str(result.checkpoint), sum(seconds.values()), entry
 
 
 def _share_summary(history: Sequence[tuple[int, float, float]], resumed: bool) -> dict[str, Any]:
@@ -474,6 +575,8 @@ def _add_external_from_checkpoint(record: dict[str, Any], run: _Run, folders: Se
     from gpcps_lightning.checkpointing import read_checkpoint
 
     best = run.run_dir / "checkpoints" / "best.ckpt"
+    if "stpp" in record:
+        best = run.run_dir / record["stpp"]["checkpoint"]
     if not best.exists():
         raise ValueError(
             f"Run record {run.target} holds no scores for --external {', '.join(map(str, folders))}, and the "
@@ -604,6 +707,9 @@ def _method_configs(args: argparse.Namespace) -> list[MethodConfig]:
     names = args.methods if args.methods is not None else ([] if args.method_config else DEFAULT_METHODS)
     configs = [load_method_config(n) for n in names]
     configs += [load_method_config(Path(p)) for p in args.method_config or []]
+    for config in configs:
+        if config.stpp is not None:
+            _stpp_options(config)  # before any training
     unique: dict[str, MethodConfig] = {}
     for config in configs:
         known = unique.setdefault(config.name, config)
@@ -623,6 +729,8 @@ def _list_methods() -> int:
         config = load_method_config(name)
         alias = f" (also: {aliases[name]})" if name in aliases else ""
         arguments = f" {config.init_args}" if config.init_args else ""
+        if config.stpp is not None:
+            arguments += f", trained by the ST++ pipeline with {config.stpp}"
         print(f"  {name:<15} {config.label}: {config.class_path}{arguments}{alias}")
     return 0
 
@@ -670,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     # Check every finished or interrupted run first: a mismatch stops the command before hours of training.
     for config, fraction, seed in grid:
         done = record_path(out, config.name, fraction, seed).exists()
-        if done or (_run_dir(out, config.name, fraction, seed) / "checkpoints" / "last.ckpt").exists():
+        run_dir = _run_dir(out, config.name, fraction, seed)
+        if done or (run_dir / "checkpoints" / "last.ckpt").exists() or (run_dir / "settings.json").exists():
             _reusable_record(_build(args, config, fraction, seed))
     for config, fraction, seed in grid:
         done = record_path(out, config.name, fraction, seed).exists()
