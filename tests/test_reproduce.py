@@ -163,6 +163,16 @@ def test_seed_paired_differences_with_a_t_interval(tmp_path: Path) -> None:
     assert "`data.image_size`" in text.split("#### Settings")[1].split("\n\n")[1]
 
 
+def test_a_pipelines_options_are_method_settings_so_its_runs_pair_with_the_others(tmp_path: Path) -> None:
+    records = [_record("supervised", 0.125, s, v, head="net1") for s, v in ((0, 0.60), (1, 0.50))]
+    stpp = {"stpp.reliable_fraction": 0.5, "stpp.relabel": "unreliable"}
+    records += [_record("stpp", 0.125, s, v, head="net1", **stpp) for s, v in ((0, 0.65), (1, 0.52))]
+    text = make_tables(load_records(_write(tmp_path, records)))
+    assert "| 1/8 | stpp `" in text and "s0 +5.00, s1 +2.00 | +3.50 |" in text
+    # like a module's arguments, the options differ between methods, not between protocols
+    assert "(none differs)" in text.split("#### Settings")[1].split("\n\n")[1]
+
+
 def test_t_quantile_matches_tables() -> None:
     for df, expected in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)):
         assert t_quantile(df) == pytest.approx(expected, abs=5e-4)

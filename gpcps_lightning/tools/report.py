@@ -7,7 +7,8 @@ Used by ``gpcps reproduce table`` and ``gpcps reproduce doc`` (:mod:`gpcps_light
   averaged. A row's cell holds the mean ± sample standard deviation
   over seeds, the number of seeds and each seed's value.
 - The paper's rows (its Tables 1 and 2, as published) are printed beside them and labelled as the paper's.
-- Two measured rows of the same protocol (equal settings outside the model) that share seeds get
+- Two measured rows of the same protocol (equal settings outside the method: the model and a pipeline's
+  options) that share seeds get
   seed-paired differences with a 95% Student t interval over the shared seeds and, where the records keep
   per-image test scores, a 95% bootstrap interval over the test images.
 - Runs scored on external folders (``gpcps reproduce run --external``) get a table of those scores.
@@ -248,10 +249,15 @@ def _cell(records: Sequence[dict[str, Any]]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}, n={len(values)} ({seeds})"
 
 
+#: Settings of the method rather than of the protocol: the module's, and a pipeline's (ST++) options.
+_METHOD_PREFIXES = ("model.", "stpp.")
+
+
 def _protocol(record: Mapping[str, Any]) -> str:
-    """Id of the settings outside the model (data, split, trainer) at this fraction."""
+    """Id of the settings outside the method (data, split, trainer) at this fraction."""
     settings = record["settings"]
-    return settings_id({k: v for k, v in settings.items() if not k.startswith("model.")}, per_fraction=True)
+    kept = {k: v for k, v in settings.items() if not k.startswith(_METHOD_PREFIXES)}
+    return settings_id(kept, per_fraction=True)
 
 
 def _value(key: str, value: Any) -> str:
@@ -335,7 +341,7 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
         "",
         "#### Seed-paired differences (test Dice, points)",
         "",
-        "Between measured rows of the same protocol (equal settings outside the model) that share seeds: "
+        "Between measured rows of the same protocol (equal settings outside the method) that share seeds: "
         "the later row minus the earlier one, seed by seed, with the mean and a 95% Student t interval "
         "over the shared seeds (training noise; none with one seed), and a 95% percentile bootstrap "
         f"interval over the test images ({BOOTSTRAP_RESAMPLES} resamples of the per-image difference "
@@ -385,7 +391,7 @@ def _settings_table(rows: Sequence[_Row]) -> list[str]:
     missing = object()
     differing = set()
     for key in {k for s in ids.values() for k in s}:
-        if key.startswith("model."):  # a model setting differs between rows of one method only
+        if key.startswith(_METHOD_PREFIXES):  # a method's setting differs between rows of one method only
             by_method: dict[str, set[str]] = defaultdict(set)
             for row in rows:
                 by_method[row.method].add(json.dumps(ids[row.settings].get(key, missing), default=str))
