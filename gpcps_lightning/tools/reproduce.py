@@ -156,7 +156,10 @@ def _module_kwargs(config: MethodConfig, args: argparse.Namespace, seed: int) ->
 
 
 def _make_module(config: MethodConfig, args: argparse.Namespace, seed: int) -> Any:
-    cls, kwargs = _module_kwargs(config, args, seed)
+    return _instantiate(config, *_module_kwargs(config, args, seed))
+
+
+def _instantiate(config: MethodConfig, cls: type, kwargs: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -179,11 +182,13 @@ class _Run:
     settings: dict[str, Any]
     target: Path
     run_dir: Path
+    #: The ST++ options of a method config with an ``stpp:`` block; ``None`` for a single training.
+    stpp_options: Any = None
 
     @property
     def interrupted(self) -> bool:
         """Whether the run folder holds a started, unfinished run (to resume)."""
-        if self.config.stpp is not None:  # the pipeline's stages resume themselves
+        if self.stpp_options is not None:  # the pipeline's stages resume themselves
             return (self.run_dir / "settings.json").is_file()
         return (self.run_dir / "checkpoints" / "last.ckpt").exists()
 
@@ -193,24 +198,27 @@ def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float
 
     config = method if isinstance(method, MethodConfig) else load_method_config(method)
     L.seed_everything(seed, workers=True, verbose=False)
-    module = _make_module(config, args, seed)
+    cls, kwargs = _module_kwargs(config, args, seed)
+    module = _instantiate(config, cls, kwargs)
     datamodule = _make_datamodule(args, fraction, seed)
     settings = run_settings(
         module, datamodule, max_steps=args.max_steps, val_every=args.val_every, precision=args.precision
     )
-    if config.stpp is not None:
-        settings.update(_stpp_options(config).settings())
+    options = None if config.stpp is None else _stpp_options(config)
+    if options is not None:
+        settings.update(options.settings())
     out = Path(args.out)
     return _Run(
         config,
         fraction,
         seed,
         module,
-        _module_kwargs(config, args, seed)[1],
+        kwargs,
         datamodule,
         settings,
         record_path(out, config.name, fraction, seed),
         _run_dir(out, config.name, fraction, seed),
+        options,
     )
 
 
@@ -310,7 +318,7 @@ def run_one(
         with atomic_path(run.run_dir / "settings.json") as tmp:
             tmp.write_text(json.dumps(started, indent=2, sort_keys=True))
     monitor = f"val/dice_{module.selection_head}"
-    if config.stpp is None:
+    if run.stpp_options is None:
         trainer, best, train_seconds = _train(args, run, monitor, resumed)
         pipeline: dict[str, Any] | None = None
     else:
@@ -488,7 +496,7 @@ def _train_stpp(args: argparse.Namespace, run: _Run) -> tuple[Any, str, float, d
         precision=args.precision,
         accelerator=args.accelerator,
         seed=run.seed,
-        options=_stpp_options(run.config),
+        options=run.stpp_options,
         progress_bar=args.progress_bar,
     )
     run.module.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])
