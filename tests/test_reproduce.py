@@ -684,6 +684,33 @@ def test_external_folders_get_their_own_table(tmp_path: Path) -> None:
     assert "#### External folders" not in make_tables(load_records(plain))
 
 
+def test_penalty_share_table_gives_the_median_of_run_medians_by_lambda(tmp_path: Path) -> None:
+    def share(record: dict, loss: float, grad: float, complete: bool = True) -> dict:
+        stats = {"loss": {"median": loss}, "grad_norm": {"median": grad}, "complete": complete}
+        record["diagnostics"] = {"penalty_share": stats}
+        return record
+
+    big = {"model.lambda_grad": 0.1}
+    records = [
+        share(_record("gpcps", 0.125, 0, 0.50, **big), 0.010, 0.20),
+        share(_record("gpcps", 0.125, 1, 0.60, **big), 0.030, 0.40, complete=False),
+        share(_record("gpcps", 0.125, 2, 0.70, **big), 0.020, 0.10),
+        share(_record("row_II", 0.125, 0, 0.40, **{"model.lambda_grad": 0.001}), 0.0001, 0.002),
+        _record("supervised", 0.125, 0, 0.45),  # measured nothing: no line
+    ]
+    text = make_tables(load_records(_write(tmp_path, records)))
+    table = text.split("#### The penalty's share")[1].split("\n\n")[2].splitlines()[2:]
+    assert len(table) == 2
+    # sorted by lambda_grad; medians 2% of the loss (1-3%) and 20% of the gradient norm (10-40%)
+    assert (
+        table[0].startswith("| row_II | `")
+        and "| 0.001 | 1 (0) | 0.01% (0.01–0.01%) | 0.2% (0.2–0.2%) |" in table[0]
+    )
+    assert "| 0.1 | 3 (1) | 2% (1–3%) | 20% (10–40%) | 60.00 ± 10.00, n=3 |" in table[1]
+    plain = _write(tmp_path / "none", [_record("gpcps", 0.125, 0, 0.6)])
+    assert "#### The penalty's share" not in make_tables(load_records(plain))
+
+
 def test_external_folder_rejections(tiny: dict[str, Any], tmp_path: Path) -> None:
     out = _copy(tiny, tmp_path)
     first, second = tmp_path / "a" / "cvc", tmp_path / "b" / "cvc"

@@ -11,7 +11,8 @@ Used by ``gpcps reproduce table`` and ``gpcps reproduce doc`` (:mod:`gpcps_light
   options) that share seeds get
   seed-paired differences with a 95% Student t interval over the shared seeds and, where the records keep
   per-image test scores, a 95% bootstrap interval over the test images.
-- Runs scored on external folders (``gpcps reproduce run --external``) get a table of those scores.
+- Runs scored on external folders (``gpcps reproduce run --external``) get a table of those scores, and runs
+  that measured the penalty's share (``--penalty-share-every``) a table of its share by ``lambda_grad``.
 """
 
 from __future__ import annotations
@@ -330,6 +331,7 @@ def make_tables(records: Sequence[dict[str, Any]]) -> str:
     lines += _paired_differences(rows, fractions)
     lines += _settings_table(rows)
     lines += _external_table(rows, fractions)
+    lines += _penalty_share_table(rows, fractions)
     lines += _heads_table(rows, fractions)
     lines += _runs_table(rows)
     lines += _code_table(records)
@@ -464,6 +466,49 @@ def _external_table(rows: Sequence[_Row], fractions: Sequence[float]) -> list[st
             lines.append(
                 f"| {row.label} | `{row.settings}` | {_fraction_name(f)} | " + " | ".join(cells) + " |"
             )
+    return lines
+
+
+def _penalty_share_table(rows: Sequence[_Row], fractions: Sequence[float]) -> list[str]:
+    """The weighted penalty's share of the loss and of the parameter-gradient norm, where runs measured it."""
+    entries = []
+    for row in rows:
+        for f in fractions:
+            group = [r for r in row.at(f) if (r.get("diagnostics") or {}).get("penalty_share")]
+            if group:
+                lam = group[0]["settings"].get("model.lambda_grad")
+                entries.append((f, lam if isinstance(lam, int | float) else math.inf, lam, row, group))
+    if not entries:
+        return []
+    lines = [
+        "",
+        "#### The penalty's share (runs run with `--penalty-share-every`)",
+        "",
+        "Every N steps a run measures the weighted penalty `lambda_grad * L_grad` as a share of the total "
+        "loss, and the norm of its gradient with respect to the parameters as a share of the norm of the "
+        "total loss's gradient. A cell: the median over runs of each run's median share, then the smallest "
+        "and largest run median; runs resumed after an interruption measured only the steps after it "
+        "(counted under partial).",
+        "",
+        "| Method | settings | fraction | `lambda_grad` | runs (partial) | share of the loss | "
+        "share of the gradient norm | test Dice |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(values: Sequence[float]) -> str:
+        return f"{100 * statistics.median(values):.3g}% ({100 * min(values):.3g}–{100 * max(values):.3g}%)"
+
+    for f, _, lam, row, group in sorted(entries, key=lambda e: (-e[0], e[1], e[3].label)):
+        shares = [r["diagnostics"]["penalty_share"] for r in group]
+        partial = sum(not s.get("complete", True) for s in shares)
+        dice = [_dice(r) for r in group]
+        spread = f" ± {statistics.stdev(dice):.2f}" if len(dice) > 1 else ""
+        lines.append(
+            f"| {row.label} | `{row.settings}` | {_fraction_name(f)} | {_value('lambda_grad', lam)} | "
+            f"{len(group)} ({partial}) | {cell([s['loss']['median'] for s in shares])} | "
+            f"{cell([s['grad_norm']['median'] for s in shares])} | "
+            f"{statistics.fmean(dice):.2f}{spread}, n={len(dice)} |"
+        )
     return lines
 
 

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -525,10 +526,12 @@ def _share_summary(history: Sequence[tuple[int, float, float]], resumed: bool) -
     """Median, mean, min and max of the penalty's measured loss and gradient-norm shares."""
 
     def stats(values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        middle = len(ordered) // 2
-        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-        return {"median": median, "mean": sum(values) / len(values), "min": ordered[0], "max": ordered[-1]}
+        return {
+            "median": statistics.median(values),
+            "mean": statistics.fmean(values),
+            "min": min(values),
+            "max": max(values),
+        }
 
     return {
         "steps": [step for step, _, _ in history],
