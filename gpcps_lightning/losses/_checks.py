@@ -36,3 +36,11 @@ def _check_eps(eps: Tensor, n: int) -> None:
         raise ValueError(f"`eps` must have shape ({n}, 1, 1, 1), got {tuple(eps.shape)}.")
     if not eps.is_floating_point():
         raise ValueError(f"`eps` must be floating point, got {eps.dtype}.")
+
+
+def _check_ramp(step: int, rampup_steps: int) -> None:
+    """A ramp's step and length: both must be >= 0."""
+    if step < 0:
+        raise ValueError(f"`step` must be >= 0, got {step}.")
+    if rampup_steps < 0:
+        raise ValueError(f"`rampup_steps` must be >= 0, got {rampup_steps}.")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpcps_lightning.losses._checks import _check_map, _check_same_shape
+from gpcps_lightning.losses._checks import _check_map, _check_ramp, _check_same_shape
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function, dice_loss_with_ignore
 
 __all__ = [
@@ -142,10 +142,7 @@ def sigmoid_rampup(step: int, rampup_steps: int) -> float:
     Raises:
         ValueError: If ``step`` or ``rampup_steps`` is negative.
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
-    if rampup_steps < 0:
-        raise ValueError(f"`rampup_steps` must be >= 0, got {rampup_steps}.")
+    _check_ramp(step, rampup_steps)
     if rampup_steps == 0 or step >= rampup_steps:
         return 1.0
     phase = 1.0 - step / rampup_steps
@@ -210,10 +207,7 @@ def ema_decay_at(
     Raises:
         ValueError: If ``step`` or ``rampup_steps`` is negative.
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
-    if rampup_steps < 0:
-        raise ValueError(f"`rampup_steps` must be >= 0, got {rampup_steps}.")
+    _check_ramp(step, rampup_steps)
     if decay_after_rampup is None or step < rampup_steps:
         return decay
     return decay_after_rampup

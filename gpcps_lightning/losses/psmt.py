@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpcps_lightning.losses._checks import _as_float, _check_map, _check_same_shape
+from gpcps_lightning.losses._checks import _as_float, _check_map, _check_ramp, _check_same_shape
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 
 __all__ = [
@@ -62,10 +62,7 @@ def cosine_rampup(step: int, rampup_steps: int) -> float:
     Raises:
         ValueError: If ``step`` or ``rampup_steps`` is negative.
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
-    if rampup_steps < 0:
-        raise ValueError(f"`rampup_steps` must be >= 0, got {rampup_steps}.")
+    _check_ramp(step, rampup_steps)
     if rampup_steps == 0 or step >= rampup_steps:
         return 1.0
     return 0.5 * (1.0 - math.cos(math.pi * step / rampup_steps))
