@@ -472,6 +472,49 @@ def test_records_hold_configuration_code_and_versions(tiny: dict[str, Any]) -> N
     assert supervised["settings"]["model.class_path"] == "gpcps_lightning.SupervisedModule"
 
 
+def test_last_checkpoint_is_the_latest_validation_not_the_last_best(tmp_path: Path) -> None:
+    import lightning as L
+    import torch
+
+    from gpcps_lightning.tools.reproduce import _checkpoints
+
+    class Falling(L.LightningModule):
+        """A score that only falls: the best is the first validation, the latest the third."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return (self.weight * batch[0]).sum()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val/score", 1.0 / (1 + self.global_step))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=1)
+    trainer = L.Trainer(
+        max_steps=3,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=list(_checkpoints(tmp_path, "val/score")),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Falling(), loader, loader)
+    steps = {
+        name: torch.load(tmp_path / f"{name}.ckpt", map_location="cpu", weights_only=False)["global_step"]
+        for name in ("best", "last")
+    }
+    assert steps == {"best": 1, "last": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_finished_runs_with_the_same_settings_are_skipped(
     tiny: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -411,23 +411,34 @@ def run_one(
     return record
 
 
+def _checkpoints(folder: Path, monitor: str) -> tuple[Any, Any]:
+    """A run's two checkpoint callbacks: ``best.ckpt`` (highest ``monitor``) and ``last.ckpt`` (latest).
+
+    Lightning's ``save_last=True`` on a monitored callback writes ``last.ckpt`` only when a new best is
+    saved, so an interrupted run would resume from its last best step and train the steps after it again;
+    an unmonitored callback keeps ``last.ckpt`` at the latest validation instead. (``gpcps fit``'s
+    :class:`~gpcps_lightning.callbacks.BestCheckpoint` refreshes ``last.ckpt`` itself; the runner keeps
+    plain ``ModelCheckpoint`` callbacks, whose state key runs interrupted before this change saved, so
+    that they resume with their best score so far.)
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(
+        dirpath=folder, filename="best", monitor=monitor, mode="max", auto_insert_metric_name=False
+    )
+    latest = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
+    return best, latest
+
+
 def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> tuple[Any, str, float]:
     """Fit one run's module (resuming from ``last.ckpt``): the trainer, the selected checkpoint, seconds."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from gpcps_lightning.checkpointing import SafeCheckpointIO
 
     last = run.run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = ModelCheckpoint(
-        dirpath=run.run_dir / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode="max",
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
+    checkpoint, latest = _checkpoints(run.run_dir / "checkpoints", monitor)
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -436,7 +447,7 @@ def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> 
         check_val_every_n_epoch=None,
         val_check_interval=args.val_every,
         num_sanity_val_steps=0,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, latest],
         logger=CSVLogger(run.run_dir, name="logs"),
         plugins=[SafeCheckpointIO()],
         enable_progress_bar=args.progress_bar,
