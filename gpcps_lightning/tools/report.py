@@ -239,15 +239,21 @@ def _rows(records: Sequence[dict[str, Any]]) -> list[_Row]:
     return sorted(rows.values(), key=lambda w: (_method_order(w.method), -len(w.records), w.settings))
 
 
+def _mean_sd(values: Sequence[float]) -> str:
+    """``mean ± sd, n=N`` (``value, n=1`` for one value, ``–`` for none)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}, n=1"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}, n={len(values)}"
+
+
 def _cell(records: Sequence[dict[str, Any]]) -> str:
     if not records:
         return "–"
     values = [_dice(r) for r in records]
     seeds = ", ".join(f"s{r['seed']} {v:.2f}" for r, v in zip(records, values, strict=True))
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.2f}, n=1 ({seeds})"
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f}, n={len(values)} ({seeds})"
+    return f"{_mean_sd(values)} ({seeds})"
 
 
 #: Settings of the method rather than of the protocol: the module's, and a pipeline's (ST++) options.
@@ -442,19 +448,12 @@ def _external_table(rows: Sequence[_Row], fractions: Sequence[float]) -> list[st
         "|---|---|---|---|" + "---|" * len(folders),
     ]
 
-    def cell(values: Sequence[float]) -> str:
-        if not values:
-            return "–"
-        if len(values) == 1:
-            return f"{values[0]:.2f}, n=1"
-        return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}, n={len(values)}"
-
     for row in rows:
         for f in fractions:
             group = row.at(f)
             if not group or not any(r.get("external") for r in group):
                 continue
-            cells = [cell([_dice(r) for r in group])]
+            cells = [_mean_sd([_dice(r) for r in group])]
             for folder in folders:
                 values = []
                 for r in group:
@@ -462,7 +461,7 @@ def _external_table(rows: Sequence[_Row], fractions: Sequence[float]) -> list[st
                     value = entry.get(f"dice_{r['selection_head']}")
                     if value is not None:
                         values.append(100.0 * float(value))
-                cells.append(cell(values))
+                cells.append(_mean_sd(values))
             lines.append(
                 f"| {row.label} | `{row.settings}` | {_fraction_name(f)} | " + " | ".join(cells) + " |"
             )
@@ -476,8 +475,7 @@ def _penalty_share_table(rows: Sequence[_Row], fractions: Sequence[float]) -> li
         for f in fractions:
             group = [r for r in row.at(f) if (r.get("diagnostics") or {}).get("penalty_share")]
             if group:
-                lam = group[0]["settings"].get("model.lambda_grad")
-                entries.append((f, lam if isinstance(lam, int | float) else math.inf, lam, row, group))
+                entries.append((f, group[0]["settings"].get("model.lambda_grad"), row, group))
     if not entries:
         return []
     lines = [
@@ -498,16 +496,18 @@ def _penalty_share_table(rows: Sequence[_Row], fractions: Sequence[float]) -> li
     def cell(values: Sequence[float]) -> str:
         return f"{100 * statistics.median(values):.3g}% ({100 * min(values):.3g}–{100 * max(values):.3g}%)"
 
-    for f, _, lam, row, group in sorted(entries, key=lambda e: (-e[0], e[1], e[3].label)):
+    def order(entry: tuple[float, Any, _Row, list[dict[str, Any]]]) -> tuple[float, float, str]:
+        f, lam, row, _ = entry
+        return (-f, lam if isinstance(lam, int | float) else math.inf, row.label)
+
+    for f, lam, row, group in sorted(entries, key=order):
         shares = [r["diagnostics"]["penalty_share"] for r in group]
         partial = sum(not s.get("complete", True) for s in shares)
-        dice = [_dice(r) for r in group]
-        spread = f" ± {statistics.stdev(dice):.2f}" if len(dice) > 1 else ""
         lines.append(
             f"| {row.label} | `{row.settings}` | {_fraction_name(f)} | {_value('lambda_grad', lam)} | "
             f"{len(group)} ({partial}) | {cell([s['loss']['median'] for s in shares])} | "
             f"{cell([s['grad_norm']['median'] for s in shares])} | "
-            f"{statistics.fmean(dice):.2f}{spread}, n={len(dice)} |"
+            f"{_mean_sd([_dice(r) for r in group])} |"
         )
     return lines
 
