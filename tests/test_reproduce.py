@@ -29,8 +29,15 @@ from gpcps_lightning.tools.provenance import (
     shipped_method_dir,
     shipped_method_names,
 )
-from gpcps_lightning.tools.report import PAPER_TABLE1, load_records, make_tables, sync_doc, t_quantile
-from gpcps_lightning.tools.reproduce import main, record_path
+from gpcps_lightning.tools.report import (
+    PAPER_TABLE1,
+    load_records,
+    make_tables,
+    run_flags,
+    sync_doc,
+    t_quantile,
+)
+from gpcps_lightning.tools.reproduce import main, record_path, validation_curve
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.md"
@@ -458,6 +465,11 @@ def test_records_hold_configuration_code_and_versions(tiny: dict[str, Any]) -> N
         assert r["config"]["model"]["init_args"]["encoder_name"] == "tu-resnet18"
         assert r["resolved"]["steps_per_epoch"] >= 1 and r["resolved"]["evaluation_size"] == "original"
         assert r["settings"]["trainer.max_steps"] == 2 and r["machine"] and r["wall_time_s"] > 0
+        # the validation curve: every validation during training, the selected step's equal to `val`
+        curve = r["val_curve"]
+        assert curve["step"] == [1, 2] and all(len(curve[f"dice_{h}"]) == 2 for h in curve_heads(r))
+        at_best = curve[f"dice_{head}"][curve["step"].index(r["best_step"])]
+        assert at_best == pytest.approx(r["val"][f"dice_{head}"], abs=1e-6)
         # no machine paths: the data root and the config's folder are not recorded
         strings = [v for v in _walk(r) if isinstance(v, str)]
         assert not [s for s in strings if s.startswith("/") or str(tiny["root"]) in s]
@@ -470,6 +482,53 @@ def test_records_hold_configuration_code_and_versions(tiny: dict[str, Any]) -> N
     supervised = records["supervised"]
     assert supervised["method_config"]["shipped"] and supervised["label"] == "UNet (supervised)"
     assert supervised["settings"]["model.class_path"] == "gpcps_lightning.SupervisedModule"
+
+
+def curve_heads(record: dict[str, Any]) -> list[str]:
+    return [k.removeprefix("dice_") for k in record["test"] if k.startswith("dice_")]
+
+
+def test_validation_curve_merges_the_versions_of_a_resumed_run(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    for version, text in (
+        (0, "epoch,step,train/loss,val/dice_a,val/dice_b\n0,0,1.0,,\n0,1,,0.5,0.4\n0,3,,0.6,0.1\n"),
+        # resumed from step 2: the validation after step 4 again, then after step 6
+        (1, "epoch,step,val/dice_a,val/dice_b,train/loss\n0,3,0.7,0.2,\n0,5,0.8,0.3,\n0,5,,,0.9\n"),
+    ):
+        (logs / f"version_{version}").mkdir(parents=True)
+        (logs / f"version_{version}" / "metrics.csv").write_text(text)
+    assert validation_curve(logs) == {"step": [2, 4, 6], "dice_a": [0.5, 0.7, 0.8], "dice_b": [0.4, 0.2, 0.3]}
+    assert validation_curve(tmp_path / "none") == {"step": []}
+
+
+def test_run_flags_name_early_selection_and_a_collapsed_head(tmp_path: Path) -> None:
+    healthy = {
+        **_record("psmt", 0.125, 0, 0.5, head="teacher"),
+        "best_step": 900,
+        "config": {"trainer": {"max_steps": 1000}},
+        "val_curve": {"step": [500, 1000], "dice_teacher": [0.5, 0.48], "dice_student": [0.5, 0.55]},
+    }
+    assert run_flags(healthy) == []
+    collapsed = {
+        **healthy,
+        "seed": 1,
+        "best_step": 400,
+        "val_curve": {"step": [400, 1000], "dice_teacher": [0.52, 0.0], "dice_student": [0.57, 0.44]},
+    }
+    assert run_flags(collapsed) == [
+        "selected at step 400 of 1000, in the first half",
+        "selection head `teacher` at 0.0% validation Dice, `student` at 44.0%, at the last validation "
+        "(step 1000)",
+    ]
+    # without a curve, the heads are compared at the selected step
+    old = {k: v for k, v in collapsed.items() if k != "val_curve"}
+    old["val"] = {"dice_teacher": 0.3, "dice_student": 0.45}
+    assert run_flags(old)[1].endswith("at the selected step")
+    text = make_tables(load_records(_write(tmp_path / "out", [healthy, collapsed])))
+    flagged = text[text.index("#### Flagged runs") :]
+    assert "| 1/8 | 1 | selected at step 400" in flagged and "| 1/8 | 0 |" not in flagged
+    text = make_tables(load_records(_write(tmp_path / "healthy", [healthy])))
+    assert "No run is flagged." in text
 
 
 def test_last_checkpoint_is_the_latest_validation_not_the_last_best(tmp_path: Path) -> None:

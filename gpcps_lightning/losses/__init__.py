@@ -28,6 +28,7 @@ from gpcps_lightning.losses.baselines import (
     mean_teacher_objective,
     sigmoid_rampup,
     supervised_objective,
+    warmed_decay,
 )
 from gpcps_lightning.losses.dice import (
     DiceReduction,
@@ -158,4 +159,5 @@ __all__ = [
     "two_class_dice_loss",
     "unimatch_objective",
     "vat_perturbation",
+    "warmed_decay",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "mean_teacher_objective",
     "sigmoid_rampup",
     "supervised_objective",
+    "warmed_decay",
 ]
 
 
@@ -185,6 +186,22 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     student_list: list[Tensor] = [s_params[name].detach() for name in t_params]
     torch._foreach_mul_(teacher_list, decay)
     torch._foreach_add_(teacher_list, student_list, alpha=1.0 - decay)
+
+
+def warmed_decay(updates: int, decay: float) -> float:
+    """The decay of a moving average's update after ``updates`` earlier ones: ``min(1 - 1/(n+1), decay)``.
+
+    Mean Teacher's reference code: the first update (``n = 0``) copies the student, the ``n``-th one
+    gives the average of the student's last ``n + 1`` states equal weight until ``decay`` takes over.
+
+    Raises:
+        ValueError: If ``updates`` is negative or ``decay`` is outside [0, 1].
+    """
+    if updates < 0:
+        raise ValueError(f"`updates` must be >= 0, got {updates}.")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"`decay` must be in [0, 1], got {decay}.")
+    return min(1.0 - 1.0 / (updates + 1), decay)
 
 
 def ema_decay_at(

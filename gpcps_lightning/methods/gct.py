@@ -15,12 +15,13 @@ from gpcps_lightning.losses.baselines import sigmoid_rampup
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 from gpcps_lightning.losses.gct import GCTLosses, GCTMode, gct_objective
 from gpcps_lightning.methods.base import TwoNetworkModule, check_seeds
+from gpcps_lightning.methods.schedule import ScheduleMixin, check_reference_steps
 from gpcps_lightning.networks import FLAW_DETECTOR_MIN_SIZE, FlawDetector, build_flaw_detector
 
 __all__ = ["GCTModule"]
 
 
-class GCTModule(TwoNetworkModule):
+class GCTModule(ScheduleMixin, TwoNetworkModule):
     """Guided Collaborative Training (Ke et al., ECCV 2020; the GP-CPS paper's "CPC"), binary segmentation.
 
     Two task networks ``net1``, ``net2`` (different seeds) and a flaw detector
@@ -53,6 +54,9 @@ class GCTModule(TwoNetworkModule):
         dc_threshold: Flaw above which a pixel counts as flawed (official ``dc_threshold``, 0.6).
         rampup_steps: Ramp-up length ``T`` of the consistency weight in training steps; 0: none. The
             official 3 of 20 epochs (PASCAL VOC, DeepLabv2) scaled to the 5000-step protocol: 750.
+        schedule_reference_steps: The run length, in steps, for which ``rampup_steps`` is stated; a run of
+            another length scales it (:mod:`gpcps_lightning.methods.schedule`). ``None``: used as given.
+            The shipped config sets 5000, so the ramp takes 15% of any run, as officially.
         fd_weight: Weight of the flaw detector's loss (official ``fd_scale``, 10.0).
         fd_lr: The flaw detector's Adam learning rate (official ``fd_lr``, 1e-4).
         fd_betas: The flaw detector's Adam betas (official (0.9, 0.99)).
@@ -76,6 +80,8 @@ class GCTModule(TwoNetworkModule):
     """
 
     flaw_detector: FlawDetector
+    schedule_step_options = ("rampup_steps",)
+    schedule_span_options = ("rampup_steps",)
 
     def __init__(
         self,
@@ -83,6 +89,7 @@ class GCTModule(TwoNetworkModule):
         dc_weight: float = 100.0,
         dc_threshold: float = 0.6,
         rampup_steps: int = 750,
+        schedule_reference_steps: int | None = None,
         fd_weight: float = 10.0,
         fd_lr: float = 1e-4,
         fd_betas: tuple[float, float] = (0.9, 0.99),
@@ -124,6 +131,7 @@ class GCTModule(TwoNetworkModule):
         self.dc_weight = float(dc_weight)
         self.dc_threshold = float(dc_threshold)
         self.rampup_steps = rampup_steps
+        self.schedule_reference_steps = check_reference_steps(schedule_reference_steps)
         self.fd_weight = float(fd_weight)
         self.fd_lr = float(fd_lr)
         self.fd_betas = (float(fd_betas[0]), float(fd_betas[1]))
@@ -156,7 +164,7 @@ class GCTModule(TwoNetworkModule):
 
     def dc_weight_at(self, step: int) -> float:
         """``w(t) = dc_weight * exp(-5 (1 - t/T)^2)`` at the 0-based step ``t``."""
-        return self.dc_weight * sigmoid_rampup(step, self.rampup_steps)
+        return self.dc_weight * sigmoid_rampup(step, self.schedule_steps("rampup_steps"))
 
     def compute_losses(self, batch: SemiSupervisedBatch, step: int = 0) -> GCTLosses:
         """The forward passes of one step and :func:`~gpcps_lightning.losses.gct.gct_objective`.

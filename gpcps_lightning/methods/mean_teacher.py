@@ -20,11 +20,12 @@ from gpcps_lightning.losses.baselines import (
 )
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 from gpcps_lightning.methods.base import SegmentationModule
+from gpcps_lightning.methods.schedule import ScheduleMixin, check_reference_steps
 
 __all__ = ["MeanTeacherModule"]
 
 
-class MeanTeacherModule(SegmentationModule):
+class MeanTeacherModule(ScheduleMixin, SegmentationModule):
     """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) for binary segmentation.
 
     The student is trained on ``L_sup + w(t) * L_cons``
@@ -45,6 +46,9 @@ class MeanTeacherModule(SegmentationModule):
         ema_decay: EMA decay ``alpha`` (paper: 0.99 during the ramp-up).
         ema_decay_after_rampup: Decay from step ``T`` on (paper's code: 0.999), or ``None`` to keep
             ``ema_decay`` throughout (default).
+        schedule_reference_steps: The run length, in steps, for which ``rampup_steps`` and the decays
+            are stated; a run of another length scales them (:mod:`gpcps_lightning.methods.schedule`).
+            ``None``: used as given. The shipped config sets 5000, the paper's protocol.
         noise_std: Standard deviation of the Gaussian noise added to the unlabeled images, drawn
             independently for student and teacher; 0 disables it.
         noise_clip: Clip the noise to ``[-noise_clip, noise_clip]``, or ``None`` (default).
@@ -56,6 +60,9 @@ class MeanTeacherModule(SegmentationModule):
 
     head_names = ("teacher", "student")
     selection_head = "teacher"
+    schedule_step_options = ("rampup_steps",)
+    schedule_decay_options = ("ema_decay", "ema_decay_after_rampup")
+    schedule_span_options = ("rampup_steps",)
 
     def __init__(
         self,
@@ -63,6 +70,7 @@ class MeanTeacherModule(SegmentationModule):
         rampup_steps: int = 1250,
         ema_decay: float = 0.99,
         ema_decay_after_rampup: float | None = None,
+        schedule_reference_steps: int | None = None,
         noise_std: float = 0.15,
         noise_clip: float | None = None,
         network_seed: int = 1,
@@ -86,6 +94,7 @@ class MeanTeacherModule(SegmentationModule):
         self.dice_variant = dice
         self.consistency_weight = float(consistency_weight)
         self.rampup_steps = rampup_steps
+        self.schedule_reference_steps = check_reference_steps(schedule_reference_steps)
         self.ema_decay = float(ema_decay)
         self.ema_decay_after_rampup = (
             None if ema_decay_after_rampup is None else float(ema_decay_after_rampup)
@@ -120,11 +129,15 @@ class MeanTeacherModule(SegmentationModule):
 
     def consistency_weight_at(self, step: int) -> float:
         """``w(t) = consistency_weight * exp(-5 (1 - t/T)^2)`` at the 0-based step ``t``."""
-        return self.consistency_weight * sigmoid_rampup(step, self.rampup_steps)
+        return self.consistency_weight * sigmoid_rampup(step, self.schedule_steps("rampup_steps"))
 
     def ema_decay_at(self, step: int) -> float:
         """EMA decay of the update that follows the 0-based step ``step``."""
-        return ema_decay_at(step, self.ema_decay, self.rampup_steps, self.ema_decay_after_rampup)
+        decay = self.schedule_decay("ema_decay")
+        assert decay is not None
+        return ema_decay_at(
+            step, decay, self.schedule_steps("rampup_steps"), self.schedule_decay("ema_decay_after_rampup")
+        )
 
     def compute_losses(self, batch: SemiSupervisedBatch, step: int = 0) -> MeanTeacherLosses:
         """The forward passes of one step and its objective; no optimizer or EMA update involved.

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gpcps_lightning.batch import SemiSupervisedBatch
-from gpcps_lightning.losses.baselines import ema_update
+from gpcps_lightning.losses.baselines import ema_update, warmed_decay
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 from gpcps_lightning.losses.psmt import (
     PSMTLosses,
@@ -23,6 +23,7 @@ from gpcps_lightning.losses.psmt import (
     vat_perturbation,
 )
 from gpcps_lightning.methods.base import SegmentationModule
+from gpcps_lightning.methods.schedule import ScheduleMixin, check_reference_steps
 
 __all__ = ["PSMTModule", "teacher_seeds_for"]
 
@@ -69,13 +70,15 @@ def _evaluation_mode(*modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-class PSMTModule(SegmentationModule):
+class PSMTModule(ScheduleMixin, SegmentationModule):
     """PS-MT, Perturbed and Strict Mean Teachers (Liu et al., CVPR 2022), for binary segmentation.
 
     One student and two teachers, each its own network (``network_seed``, ``teacher_seeds``). For the
     first ``warmup_steps`` steps the optimizer trains all three on the supervised Dice. Afterwards the
-    teachers receive no gradient and, after each optimizer step, one of them becomes the moving average
-    of the student (``ema_decay``), the other one every ``teacher_switch_every`` steps. The student
+    teachers receive no gradient and, after each optimizer step, one of them moves towards the student
+    (``ema_decay``), the other one every ``teacher_switch_every`` steps. A teacher's first update copies
+    the student and later ones average with a decay that rises to ``ema_decay`` (``ema_warmup``), so both
+    teachers are moving averages of the student, never blends of unrelated networks. The student
     trains on ``L_sup + unsup_weight * ramp(t) * L_unsup``
     (:func:`~gpcps_lightning.losses.psmt.psmt_objective`): the teachers' averaged probabilities on the
     unlabeled batch (``gamma``) are the target of the student's prediction on a CutMix of that batch
@@ -83,7 +86,8 @@ class PSMTModule(SegmentationModule):
     ``confidence_threshold``; the student decodes features perturbed by T-VAT
     (:func:`~gpcps_lightning.losses.psmt.vat_perturbation`): the direction of its encoder features that
     most changes the teachers' decoders' prediction, with norm ``vat_eps``. ``ramp(t)`` is the cosine
-    ramp over ``rampup_steps`` steps from the end of the warm-up.
+    ramp over ``rampup_steps`` steps from the end of the warm-up. With ``schedule_reference_steps`` the
+    schedule's lengths and decay scale to the run's length (:mod:`gpcps_lightning.methods.schedule`).
 
     Heads: ``teacher`` (the average of the two teachers' probabilities; selection and prediction) and
     ``student``. Logged: ``train/loss``, ``train/loss_sup`` (the student's Dice), ``train/loss_teachers``
@@ -102,6 +106,16 @@ class PSMTModule(SegmentationModule):
         rampup_steps: Length of the cosine ramp after the warm-up (official: 12 epochs; 600 steps).
         teacher_switch_every: Steps between switches of the averaged teacher (official: every epoch; 50).
         ema_decay: Moving-average decay, the official ``keep_rate`` (0.996).
+        ema_warmup: Each teacher's update ``n`` (0-based, counted per teacher) uses the decay
+            ``min(1 - 1 / (n + 1), ema_decay)``, as Mean Teacher's reference code does: its first update
+            copies the student. ``False`` uses ``ema_decay`` from the first update, the official code's
+            arithmetic, which leaves a teacher a blend of its own warmed-up weights and the student's for
+            ``~1 / (1 - ema_decay)`` updates; harmless where all three networks start from one pretrained
+            encoder and an epoch holds hundreds of updates, as officially (docs/baselines.md).
+        schedule_reference_steps: The run length, in steps, for which ``warmup_steps``, ``rampup_steps``,
+            ``teacher_switch_every`` and ``ema_decay`` are stated; a run of another length scales them
+            (:mod:`gpcps_lightning.methods.schedule`). ``None``: used as given. The shipped config sets
+            5000, the paper's protocol.
         gamma: Weight of teacher 1 in the target ``gamma * p1 + (1 - gamma) * p2`` (official: 0.5).
         confidence_threshold: Pixels whose target confidence ``max(p, 1 - p)`` is below it do not count
             (official ``semi_p_th``: 0.6).
@@ -129,6 +143,9 @@ class PSMTModule(SegmentationModule):
     head_names = ("teacher", "student")
     selection_head = "teacher"
     ema_updates: Tensor
+    schedule_step_options = ("warmup_steps", "rampup_steps", "teacher_switch_every")
+    schedule_decay_options = ("ema_decay",)
+    schedule_span_options = ("warmup_steps", "rampup_steps")
     student: nn.Module
     teacher1: nn.Module
     teacher2: nn.Module
@@ -140,6 +157,8 @@ class PSMTModule(SegmentationModule):
         rampup_steps: int = 600,
         teacher_switch_every: int = 50,
         ema_decay: float = 0.996,
+        ema_warmup: bool = True,
+        schedule_reference_steps: int | None = None,
         gamma: float = 0.5,
         confidence_threshold: float = 0.6,
         cutmix_beta: float = 4.0,
@@ -190,6 +209,8 @@ class PSMTModule(SegmentationModule):
         self.rampup_steps = rampup_steps
         self.teacher_switch_every = teacher_switch_every
         self.ema_decay = float(ema_decay)
+        self.ema_warmup = bool(ema_warmup)
+        self.schedule_reference_steps = check_reference_steps(schedule_reference_steps)
         self.gamma = float(gamma)
         self.confidence_threshold = float(confidence_threshold)
         self.cutmix_beta = float(cutmix_beta)
@@ -244,13 +265,22 @@ class PSMTModule(SegmentationModule):
     # ----------------------------------------------------------------- schedule
     def ramp_at(self, step: int) -> float:
         """The unlabeled loss's ramp factor at the 0-based step: 0 in the warm-up, then the cosine ramp."""
-        if step < self.warmup_steps:
+        warmup = self.schedule_steps("warmup_steps")
+        if step < warmup:
             return 0.0
-        return cosine_rampup(step - self.warmup_steps, self.rampup_steps)
+        return cosine_rampup(step - warmup, self.schedule_steps("rampup_steps"))
 
     def active_teacher_at(self, step: int) -> int | None:
         """Index (0, 1) of the teacher averaged after the 0-based step, ``None`` during the warm-up."""
-        return active_teacher(step, self.warmup_steps, self.teacher_switch_every)
+        return active_teacher(
+            step, self.schedule_steps("warmup_steps"), self.schedule_steps("teacher_switch_every")
+        )
+
+    def teacher_decay(self, index: int) -> float:
+        """The decay of teacher ``index``'s next moving-average update (see ``ema_warmup``)."""
+        decay = self.schedule_decay("ema_decay")
+        assert decay is not None
+        return warmed_decay(int(self.ema_updates[index]), decay) if self.ema_warmup else decay
 
     # ----------------------------------------------------------------- forward passes
     def _teachers_decode(self, features: list[Tensor]) -> Tensor:
@@ -305,7 +335,7 @@ class PSMTModule(SegmentationModule):
             ValueError: On malformed batches.
         """
         batch = self.check_training_batch(batch)
-        if step < self.warmup_steps:
+        if step < self.schedule_steps("warmup_steps"):
             return psmt_objective(
                 torch.sigmoid(self.student(batch.labeled)),
                 batch.mask,
@@ -354,7 +384,7 @@ class PSMTModule(SegmentationModule):
         """Average the student into the active teacher (unless the step was skipped); log the schedule."""
         index = self.active_teacher_at(step)
         if stepped and index is not None:  # a skipped step leaves the student, so the teachers, as they were
-            ema_update(self.teachers[index], self.student, self.ema_decay)
+            ema_update(self.teachers[index], self.student, self.teacher_decay(index))
             self.ema_updates[index] += 1
         self.log("train/ramp", losses.ramp, on_step=True, on_epoch=False, batch_size=batch_size)
         active = 0 if index is None else index + 1

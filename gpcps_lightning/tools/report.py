@@ -35,6 +35,7 @@ __all__ = [
     "load_records",
     "make_plot",
     "make_tables",
+    "run_flags",
     "sync_doc",
     "t_quantile",
 ]
@@ -340,6 +341,7 @@ def make_tables(records: Sequence[dict[str, Any]]) -> str:
     lines += _penalty_share_table(rows, fractions)
     lines += _heads_table(rows, fractions)
     lines += _runs_table(rows)
+    lines += _flagged_table(rows)
     lines += _code_table(records)
     return "\n".join(lines) + "\n"
 
@@ -557,6 +559,71 @@ def _runs_table(rows: Sequence[_Row]) -> list[str]:
                 f"{r.get('best_step', '–')} | {100 * r['val'][f'dice_{head}']:.2f} | {_dice(r):.2f} | "
                 f"{minutes} | {r.get('code', {}).get('commit', '–')} |"
             )
+    return lines
+
+
+#: A selection head whose last validation Dice lies this many points below another head's is flagged.
+COLLAPSE_GAP_POINTS = 10.0
+
+
+def run_flags(record: Mapping[str, Any]) -> list[str]:
+    """Why a run's selected checkpoint may not stand for its method; empty when nothing is suspect.
+
+    Two signs of a collapse or of a run still far from done: the selected step lies in the first half of
+    training, or the selection head ends (at its last validation, from ``val_curve``; at the selected
+    step for records without a curve) more than :data:`COLLAPSE_GAP_POINTS` below another head.
+    """
+    flags: list[str] = []
+    max_steps = record.get("config", {}).get("trainer", {}).get("max_steps")
+    best = record.get("best_step")
+    if isinstance(max_steps, int) and max_steps > 0 and isinstance(best, int) and 0 <= best < max_steps / 2:
+        flags.append(f"selected at step {best} of {max_steps}, in the first half")
+    head = record["selection_head"]
+    curve = record.get("val_curve") or {}
+    if curve.get("step"):
+        final = {
+            key.removeprefix("dice_"): values[-1]
+            for key, values in curve.items()
+            if key.startswith("dice_") and values and values[-1] is not None
+        }
+        where = f"at the last validation (step {curve['step'][-1]})"
+    else:
+        final = {k.removeprefix("dice_"): v for k, v in record["val"].items() if k.startswith("dice_")}
+        where = "at the selected step"
+    if head in final:
+        best_other = max(((v, h) for h, v in final.items() if h != head), default=None)
+        if best_other is not None and 100 * (best_other[0] - final[head]) > COLLAPSE_GAP_POINTS:
+            flags.append(
+                f"selection head `{head}` at {100 * final[head]:.1f}% validation Dice, "
+                f"`{best_other[1]}` at {100 * best_other[0]:.1f}%, {where}"
+            )
+    return flags
+
+
+def _flagged_table(rows: Sequence[_Row]) -> list[str]:
+    lines = [
+        "",
+        "#### Flagged runs",
+        "",
+        "Runs whose selected step lies in the first half of training, or whose selection head ends more "
+        f"than {COLLAPSE_GAP_POINTS:g} points of validation Dice below another head (a collapse); "
+        "records without a validation curve are checked at the selected step only.",
+        "",
+    ]
+    flagged = [
+        (row, r, flags)
+        for row in rows
+        for r in sorted(row.records, key=lambda r: (-r["fraction"], r["seed"]))
+        if (flags := run_flags(r))
+    ]
+    if not flagged:
+        return [*lines, "No run is flagged."]
+    lines += ["| Method | settings | fraction | seed | why |", "|---|---|---|---|---|"]
+    for row, r, flags in flagged:
+        lines.append(
+            f"| {row.label} | `{row.settings}` | {_fraction_name(r['fraction'])} | {r['seed']} | "
+            f"{'; '.join(flags)} |"
+        )
     return lines
 
 

@@ -18,6 +18,7 @@ Also available as ``python -m gpcps_lightning.tools.reproduce``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -47,7 +48,14 @@ from gpcps_lightning.tools.provenance import (
     split_files,
     strip_local_paths,
 )
-from gpcps_lightning.tools.report import FRACTION_NAMES, load_records, make_plot, make_tables, sync_doc
+from gpcps_lightning.tools.report import (
+    FRACTION_NAMES,
+    load_records,
+    make_plot,
+    make_tables,
+    run_flags,
+    sync_doc,
+)
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -322,7 +330,10 @@ def run_one(
     if run.stpp_options is None:
         trainer, best, train_seconds = _train(args, run, monitor, resumed)
         pipeline: dict[str, Any] | None = None
+        # read before the evaluations below, which log to the same files
+        curve = validation_curve(run.run_dir / "logs")
     else:
+        curve = None
         trainer, best, train_seconds, pipeline = _train_stpp(args, run)
     # ST++'s final weights are already in `module` (its checkpoint holds its own trainings' callbacks)
     selected = best if pipeline is None else None
@@ -396,6 +407,11 @@ def run_one(
         # empty), for intervals over images.
         "test_images": test_images,
     }
+    if curve is not None:
+        record["val_curve"] = curve
+    resolve_schedule = getattr(module, "resolved_schedule", None)
+    if callable(resolve_schedule):  # the schedule in steps of this run (methods with a schedule)
+        record["resolved"]["schedule"] = resolve_schedule()
     if external:
         record["external"] = external
     if pipeline is not None:
@@ -409,6 +425,29 @@ def run_one(
     with atomic_path(run.target) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def validation_curve(logs: Path) -> dict[str, list[Any]]:
+    """Every validation of a training from its CSV logs: ``{"step": [...], "dice_<head>": [...], ...}``.
+
+    Steps count finished optimizer steps (as ``best_step`` does). A resumed run logs into a new
+    ``version_N`` folder; a later version's value replaces an earlier one's at the same step.
+    """
+    by_step: dict[int, dict[str, float]] = {}
+    versions = sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    for path in versions:
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                values = {
+                    key.removeprefix("val/"): float(value)
+                    for key, value in row.items()
+                    if key.startswith("val/dice_") and value not in ("", None)
+                }
+                if values:
+                    by_step.setdefault(int(row["step"]) + 1, {}).update(values)
+    steps = sorted(by_step)
+    heads = sorted({head for values in by_step.values() for head in values})
+    return {"step": steps, **{head: [by_step[s].get(head) for s in steps] for head in heads}}
 
 
 def _checkpoints(folder: Path, monitor: str) -> tuple[Any, Any]:
@@ -814,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
             f"test dice_{head}={100 * record['test'][f'dice_{head}']:.2f} ({record['wall_time_s']} s)",
             flush=True,
         )
+        for flag in run_flags(record):
+            print(f"[reproduce] warning: {config.name} fraction={fraction} seed={seed}: {flag}", flush=True)
     return 0
 
 
