@@ -31,6 +31,7 @@ from gpcps_lightning.tools.provenance import (
 )
 from gpcps_lightning.tools.report import (
     PAPER_TABLE1,
+    combined_interval,
     load_records,
     make_tables,
     run_flags,
@@ -161,7 +162,7 @@ def test_seed_paired_differences_with_a_t_interval(tmp_path: Path) -> None:
     sup, gp = settings_id(records[0]["settings"]), settings_id(records[3]["settings"])
     assert (
         f"| 1/8 | GP-CPS `{gp}` − UNet (supervised) `{sup}` | 0, 1, 2 | s0 +10.00, s1 +12.00, s2 +14.00 | "
-        f"+12.00 | [{12 - half:+.2f}, {12 + half:+.2f}] |"
+        f"+12.00 | – | [{12 - half:+.2f}, {12 + half:+.2f}] |"
     ) in text
     assert "[+7.03, +16.97]" in text
     assert text.count("− UNet (supervised)") == 1
@@ -760,7 +761,8 @@ def test_paired_differences_carry_a_bootstrap_interval_over_test_images(tmp_path
         records.append(_with_images(_record("gpcps", 0.125, seed, 0.55), better))
     text = make_tables(load_records(_write(tmp_path, records)))
     row = _row(text, "| 1/8 | GP-CPS")
-    assert row.endswith("| [+5.00, +5.00] |"), row
+    # headline (seeds + images): equal per-seed and per-image differences leave no width
+    assert row.endswith("| +5.00 | [+5.00, +5.00] | [+5.00, +5.00] | [+5.0, +5.0] |  |"), row
     # unequal differences: the interval brackets their mean and regenerates identically
     varied = [dict(r) for r in records]
     for r in varied:
@@ -768,10 +770,42 @@ def test_paired_differences_carry_a_bootstrap_interval_over_test_images(tmp_path
             rows = [[n, v + 0.1 * i, v] for i, (n, v) in enumerate(zip(names, sup, strict=True))]
             r["test_images"] = {"ensemble": rows}
     text = make_tables(load_records(_write(tmp_path / "varied", varied)))
-    found = re.findall(r"\[([+-][\d.]+), ([+-][\d.]+)\] \|$", _row(text, "| 1/8 | GP"))
+    found = re.findall(r"\[([+-][\d.]+), ([+-][\d.]+)\] \|  \|$", _row(text, "| 1/8 | GP"))
     low, high = float(found[0][0]), float(found[0][1])
     assert low < high
     assert text == make_tables(load_records(tmp_path / "varied"))
+
+
+def test_combined_interval_adds_the_seed_and_image_variances() -> None:
+    # seeds 1, 3 (variance 2, n 2); images 0, 4, 2 (variance 4, m 3): se = sqrt(2/2 + 4/3)
+    half = t_quantile(1) * (2 / 2 + 4 / 3) ** 0.5
+    assert combined_interval([1.0, 3.0], [0.0, 4.0, 2.0]) == pytest.approx((2 - half, 2 + half))
+    # no image noise: the t interval over seeds
+    seeds = [10.0, 12.0, 14.0]
+    t_half = t_quantile(2) * statistics.stdev(seeds) / 3**0.5
+    assert combined_interval(seeds, [5.0] * 10) == pytest.approx((12 - t_half, 12 + t_half))
+    with pytest.raises(ValueError, match="two seeds"):
+        combined_interval([1.0], [1.0, 2.0])
+
+
+def test_paired_rows_mark_planned_comparisons_commits_and_the_interval_count(tmp_path: Path) -> None:
+    records = [_record("gpcps_row_III", 0.125, s, 0.5 + 0.01 * s) for s in (0, 1)]
+    records += [_record("gpcps", 0.125, s, 0.52 + 0.01 * s) for s in (0, 1)]
+    records += [_record("supervised", 0.125, s, 0.45, head="net1") for s in (0, 1)]
+    records[3]["code"] = {"commit": "def5678"}
+    records[3]["code_at_start"] = {"commit": "abc1234"}
+    records[5]["code"] = {"commit": "fff0000"}
+    text = make_tables(load_records(_write(tmp_path, records)))
+    planned = _row(text, "| 1/8 | **planned:** GP-CPS `")
+    assert "− gpcps_row_III" in planned and planned.endswith("| abc1234, def5678 |")
+    assert "planned" not in _row(text, "| 1/8 | gpcps_row_III")
+    assert _row(text, "| 1/8 | gpcps_row_III").endswith("| abc1234, fff0000 |")
+    assert "This block compares 3 pairs of rows, with up to three intervals each (up to 9 in all)" in text
+
+
+def test_committed_records_carry_the_settings_id_the_tables_print() -> None:
+    for record in load_records(REPO / "docs" / "records" / "fast-cpu"):
+        assert record["settings_id"] == settings_id(record["settings"]), (record["method"], record["seed"])
 
 
 def test_external_folders_get_their_own_table(tmp_path: Path) -> None:
@@ -962,3 +996,25 @@ def test_stpp_method_config_rejections(tmp_path: Path) -> None:
         _stpp_options(load_method_config(path))
     path.write_text("model: {class_path: gpcps_lightning.SupervisedModule}\nstpp:\n")
     assert _stpp_options(load_method_config(path)) == STPPOptions()
+
+
+def test_committed_measurements_hold_no_machine_paths() -> None:
+    paths = re.compile(r'"(/(?:work|root|home|tmp|Users|mnt)/[^"]*)"|[ =](/(?:work|root|home|tmp)/\S+)')
+    files = sorted((REPO / "docs" / "perf").glob("*.json")) + sorted(
+        (REPO / "docs" / "records").rglob("*.json")
+    )
+    assert files
+    for path in files:
+        assert not paths.search(path.read_text()), path
+
+
+def test_bench_reports_record_output_files_without_their_folders() -> None:
+    from gpcps_lightning.tools.bench.cli import _without_folders
+
+    assert _without_folders(["--steps", "5", "--json", "/tmp/x/out.json", "--profile=/a/b/trace"]) == [
+        "--steps",
+        "5",
+        "--json",
+        "out.json",
+        "--profile=trace",
+    ]

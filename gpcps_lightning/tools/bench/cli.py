@@ -15,6 +15,22 @@ from gpcps_lightning.tools.bench.profiling import profile_step
 from gpcps_lightning.tools.bench.report import format_report
 from gpcps_lightning.tools.bench.runner import run_benchmark, run_kind
 
+#: Options whose value is a file the report names; only the file's name is recorded (no machine paths).
+_PATH_OPTIONS = ("--json", "--profile")
+
+
+def _without_folders(args: list[str]) -> list[str]:
+    """The command line with the folders of output files left out, so that reports hold no local paths."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        name, eq, value = arg.partition("=")
+        if name in _PATH_OPTIONS and eq:
+            out[i] = f"{name}={Path(value).name}"
+        elif arg in _PATH_OPTIONS and i + 1 < len(out):
+            out[i + 1] = Path(out[i + 1]).name
+    return out
+
+
 __all__ = ["main"]
 
 
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds=args.rounds,
             isolate=isolate,
             threads=args.threads,
-            command="python -m gpcps_lightning.tools.bench " + " ".join(args_list),
+            command="python -m gpcps_lightning.tools.bench " + " ".join(_without_folders(args_list)),
             progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
         )
     except ValueError as err:
