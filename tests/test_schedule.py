@@ -120,3 +120,41 @@ def test_shipped_configs_scale_their_schedules() -> None:
 
     for name in ("psmt", "gct", "mean_teacher"):
         assert load_method_config(name).init_args["schedule_reference_steps"] == 5000, name
+
+
+def test_lr_factor_hand_worked() -> None:
+    from gpcps_lightning.callbacks.lr_schedule import lr_factor
+
+    assert [lr_factor(t, 4) for t in range(5)] == pytest.approx(
+        [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2, 0.0]
+    )
+    assert lr_factor(3, 4, "constant") == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 4, "linear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_factor(0, 0)
+
+
+class _SeenLR(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_lr_schedule_decays_every_group_along_a_cosine(tiny_trainer: Callable[..., L.Trainer]) -> None:
+    from gpcps_lightning.callbacks import LRSchedule
+
+    # GCT's flaw detector has its own learning rate: each group decays from its own
+    module = GCTModule(**_net(lr=1e-3, fd_lr=1e-4))
+    seen = _SeenLR()
+    L.seed_everything(0, verbose=False)
+    trainer = tiny_trainer(max_steps=4, callbacks=[LRSchedule("cosine"), seen])
+    trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=8))
+    factors = [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2]
+    assert seen.lrs == [pytest.approx([1e-3 * f, 1e-3 * f, 1e-4 * f]) for f in factors]
+    with pytest.raises(ValueError, match="finite length"):
+        tiny_trainer(max_steps=-1, max_epochs=-1, callbacks=[LRSchedule()]).fit(
+            GCTModule(**_net()), datamodule=RandomSemiDataModule(size=32, batch_size=2, length=8)
+        )

@@ -9,6 +9,9 @@
   of ``fit``.
 - :class:`PredictionWriter` (:mod:`~gpcps_lightning.callbacks.writer`) writes one binary PNG mask per image
   at its original size (and overlays).
+- :class:`LRSchedule` (:mod:`~gpcps_lightning.callbacks.lr_schedule`) decays every optimizer group's
+  learning rate along a cosine to zero over the run (the modules optimise manually, so Lightning steps no
+  scheduler for them).
 - :class:`LossProgressBar` (:mod:`~gpcps_lightning.callbacks.progress`) shows the loss terms and the
   validation Dice with short names.
 """
@@ -25,6 +28,7 @@ from gpcps_lightning.callbacks.images import (
     overlay_mask,
     prediction_panel,
 )
+from gpcps_lightning.callbacks.lr_schedule import LRSchedule
 from gpcps_lightning.callbacks.progress import LossProgressBar
 from gpcps_lightning.callbacks.writer import PredictionWriter
 
@@ -32,6 +36,7 @@ __all__ = [
     "GROUND_TRUTH_COLOR",
     "PREDICTION_COLOR",
     "BestCheckpoint",
+    "LRSchedule",
     "LossProgressBar",
     "PredictionWriter",
     "PredictionsPicture",

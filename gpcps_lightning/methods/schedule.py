@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["ScheduleMixin", "check_reference_steps", "scale_decay", "scale_steps"]
+__all__ = ["ScheduleMixin", "check_reference_steps", "run_length", "scale_decay", "scale_steps"]
 
 #: Warm-up plus ramp above this fraction of a run draws a warning.
 SCHEDULE_WARNING_FRACTION = 0.5
@@ -57,7 +57,7 @@ def scale_decay(decay: float, reference_steps: int | None, run_steps: int | None
     return float(decay ** (reference_steps / run_steps))
 
 
-def _run_length(trainer: Any) -> int | None:
+def run_length(trainer: Any) -> int | None:
     """Optimizer steps the trainer's fit will run: ``max_steps``, else Lightning's estimate if finite."""
     if trainer.max_steps is not None and trainer.max_steps > 0:
         return int(trainer.max_steps)
@@ -104,7 +104,7 @@ class ScheduleMixin:
         if callable(super_hook):
             super_hook()
         trainer = self.trainer  # type: ignore[attr-defined]
-        self.run_steps = _run_length(trainer)
+        self.run_steps = run_length(trainer)
         if self.run_steps is None and self.schedule_reference_steps is not None:
             raise ValueError(
                 "`schedule_reference_steps` scales the schedule to the run's length, but this run has no "

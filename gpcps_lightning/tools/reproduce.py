@@ -216,6 +216,14 @@ def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float
     options = None if config.stpp is None else _stpp_options(config)
     if options is not None:
         settings.update(options.settings())
+    schedule = getattr(args, "lr_schedule", "constant")
+    if schedule != "constant":  # absent when constant: the runs recorded before the option keep their ids
+        if options is not None:
+            raise ValueError(
+                f"Method config {config.file}: --lr-schedule {schedule} is not available for ST++'s pipeline "
+                "(its stages build their own trainers); run it with --lr-schedule constant."
+            )
+        settings["trainer.lr_schedule"] = schedule
     out = Path(args.out)
     return _Run(
         config,
@@ -365,6 +373,7 @@ def run_one(
                     "val_check_interval": args.val_every,
                     "check_val_every_n_epoch": None,
                     "num_sanity_val_steps": 0,
+                    "lr_schedule": getattr(args, "lr_schedule", "constant"),
                 },
                 "checkpoint": {
                     "monitor": monitor,
@@ -469,6 +478,13 @@ def _checkpoints(folder: Path, monitor: str) -> tuple[Any, Any]:
     return best, latest
 
 
+def _lr_callbacks(args: argparse.Namespace) -> list[Any]:
+    from gpcps_lightning.callbacks import LRSchedule
+
+    schedule = getattr(args, "lr_schedule", "constant")
+    return [] if schedule == "constant" else [LRSchedule("cosine")]
+
+
 def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> tuple[Any, str, float]:
     """Fit one run's module (resuming from ``last.ckpt``): the trainer, the selected checkpoint, seconds."""
     import lightning as L
@@ -486,7 +502,7 @@ def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> 
         check_val_every_n_epoch=None,
         val_check_interval=args.val_every,
         num_sanity_val_steps=0,
-        callbacks=[checkpoint, latest],
+        callbacks=[checkpoint, latest, *_lr_callbacks(args)],
         logger=CSVLogger(run.run_dir, name="logs"),
         plugins=[SafeCheckpointIO()],
         enable_progress_bar=args.progress_bar,
@@ -718,6 +734,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--download", action="store_true", help="download Kvasir-SEG into --data-root if missing")
     add("--synthetic-images", type=int, default=400, help="size of the generated dataset (--data synthetic)")
     add("--no-augment", action="store_true", help="train without augmentation (the authors' code has none)")
+    add(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="learning rate over the run: constant, or a cosine decay to zero (callbacks.LRSchedule)",
+    )
     add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
     add("--out", default="runs/reproduce", help="folder for records/ and runs/")
     add("--progress-bar", action="store_true", help="show Lightning's progress bar")
