@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.tools import bench
-from gpcps_lightning.tools.bench import BenchConfig, count_step_flops
+from gpcps_lightning.tools.bench import BenchConfig, count_step_flops, measure
 
 TINY_ARGS = [
     "--encoder",
@@ -107,6 +108,51 @@ def test_finish_plain_kind_takes_the_median_after_warmup() -> None:
     assert result.median_step_s == 3.0
     assert result.flops_per_step == 12.0
     assert result.losses_finite is False
+
+
+# ----------------------------------------------------------------------------------------- memory
+def test_finish_peak_is_never_below_the_reading_before_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Linux's VmHWM can lag an earlier VmRSS (memory handed back with MADV_DONTNEED does not raise the
+    # high-water mark): simulate a kernel peak 356 KiB below the reading before the steps.
+    config = tiny_config(steps=3, warmup=1).checked()
+    starts = [float(i) for i in range(6)]  # FLOP step, warm-up, three timed steps, end
+    before = 1_000_000_000
+    monkeypatch.setattr(measure, "_peak_rss_bytes", lambda: before - 356 * 1024)
+    result = bench._finish("cps", config, starts, [12], memory_before=before, losses={})
+    assert result.memory_measure == "process_peak_rss"
+    assert result.peak_memory_bytes == before
+    assert result.memory_before_steps_bytes == before
+    # A real peak above the reading is kept as it is.
+    monkeypatch.setattr(measure, "_peak_rss_bytes", lambda: before + 5)
+    result = bench._finish("cps", config, starts, [12], memory_before=before, losses={})
+    assert result.peak_memory_bytes == before + 5
+    # Where the platform gives no figure, none is made up.
+    monkeypatch.setattr(measure, "_peak_rss_bytes", lambda: None)
+    result = bench._finish("cps", config, starts, [12], memory_before=before, losses={})
+    assert result.peak_memory_bytes is None
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or not hasattr(mmap, "MADV_DONTNEED"), reason="Linux /proc only"
+)
+def test_cpu_peak_holds_after_memory_is_handed_back_with_madvise() -> None:
+    # The kernel path behind the load-dependent failure: resident memory given back with MADV_DONTNEED
+    # lowers VmRSS without raising VmHWM, so the raw VmHWM read afterwards can be below the VmRSS read
+    # before (on Linux 6.18 it was, by 100-300 KiB, every time).
+    cpu = torch.device("cpu")
+    size = 64 * 2**20
+    region = mmap.mmap(-1, size)
+    try:
+        for offset in range(0, size, mmap.PAGESIZE):
+            region[offset] = 1
+        before = measure._memory_start(cpu)
+        region.madvise(mmap.MADV_DONTNEED)
+        peak, name = measure._memory_peak(cpu, before)
+    finally:
+        region.close()
+    assert name == "process_peak_rss"
+    assert before is not None and peak is not None
+    assert peak >= before
 
 
 # ----------------------------------------------------------------------------------------- configuration

@@ -3,7 +3,8 @@
 A step is the wall time from one batch start to the next (the device synchronised at each start). FLOPs are
 counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the first steps, before the warm-up, so the
 count does not disturb the timing. Peak memory is the CUDA allocator's peak on a GPU and the process's peak
-resident set size on the CPU.
+resident set size on the CPU, never below the reading taken just before the first step (see
+:func:`_memory_peak`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class KindResult:
     ``flops_per_step`` is amortized the same way. Peak memory is the CUDA allocator's peak
     (``torch.cuda.max_memory_allocated``) or the process's peak RSS (``memory_measure`` says which);
     ``memory_before_steps_bytes`` is the same measure just before the first step (model, optimizer and
-    data in place).
+    data in place); ``peak_memory_bytes`` is never below it.
     """
 
     kind: str
@@ -71,7 +72,8 @@ def _rss_bytes() -> int | None:
 
 def _peak_rss_bytes() -> int | None:
     """Peak resident set size of this process, else ``None`` where the platform does not say."""
-    # /proc's VmHWM is consistent with its VmRSS (getrusage's figure can lag the current RSS).
+    # /proc's VmHWM is at least its VmRSS read at the same moment (getrusage's figure can lag the current
+    # RSS); an earlier VmRSS can still exceed it, see _memory_peak.
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -134,10 +136,31 @@ def _memory_start(device: torch.device) -> int | None:
     return _rss_bytes()
 
 
-def _memory_peak(device: torch.device) -> tuple[int | None, str]:
+def _memory_peak(device: torch.device, memory_before: int | None) -> tuple[int | None, str]:
+    """The peak since :func:`_memory_start` and the name of its measure, at least ``memory_before``.
+
+    On the CPU the peak (VmHWM) and the reading before the steps (VmRSS) are different kernel figures:
+    Linux records its high-water mark only at some events (such as unmapping memory) and reports the larger
+    of that mark and the current resident set. Memory handed back with ``madvise(MADV_DONTNEED)`` (as
+    allocators do) or reclaimed under memory pressure lowers the resident set without raising the mark, so
+    a later VmHWM can come out below an earlier VmRSS (a few hundred KiB was seen under load). The resident
+    set did reach ``memory_before``, so the peak is the larger of the two.
+
+    Args:
+        device: The device the steps ran on.
+        memory_before: What :func:`_memory_start` returned, or ``None`` where it could not say.
+
+    Returns:
+        The peak in bytes (``None`` where the platform does not say) and the measure's name.
+    """
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    return _peak_rss_bytes(), "process_peak_rss"
+        peak: int | None = int(torch.cuda.max_memory_allocated(device))
+        measure = "cuda_max_memory_allocated"
+    else:
+        peak, measure = _peak_rss_bytes(), "process_peak_rss"
+    if peak is not None and memory_before is not None:
+        peak = max(peak, memory_before)
+    return peak, measure
 
 
 def _n_flop_steps(kind: str, config: BenchConfig) -> int:
@@ -180,7 +203,7 @@ def _finish(
     else:
         median, best = statistics.median(times), min(times)
         step_flops = float(flops[0])
-    peak, measure = _memory_peak(torch.device(config.device))
+    peak, measure = _memory_peak(torch.device(config.device), memory_before)
     return KindResult(
         kind=kind,
         step_times_s=times,
