@@ -33,6 +33,7 @@ from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
 from gpcps_lightning.data.io import list_image_files, resize_image, to_rgb_uint8
 from gpcps_lightning.data.transforms import normalize
 from gpcps_lightning.methods.base import SegmentationModule
+from gpcps_lightning.networks import skip_pretrained_weights
 
 __all__ = [
     "ImageLike",
@@ -313,7 +314,9 @@ def load_module(
             "e.g. model_class=GPCPSModule."
         )
     cls = model_class or _checkpoint_class(public_class_path(str(class_path)))
-    module = cls(**hparams)
+    # The checkpoint's weights replace the pretrained ones: no weights file to read, nothing to download.
+    with skip_pretrained_weights():
+        module = cls(**hparams)
     if not isinstance(module, SegmentationModule):
         raise TypeError(
             f"Expected a SegmentationModule subclass, the checkpoint built {type(module).__name__}."

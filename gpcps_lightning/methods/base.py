@@ -37,7 +37,7 @@ from gpcps_lightning.checkpointing import (
     restore_rng_state,
 )
 from gpcps_lightning.methods.step import ManualStepModule
-from gpcps_lightning.networks import build_network
+from gpcps_lightning.networks import build_network, skip_pretrained_weights
 
 __all__ = ["SegmentationModule", "TwoNetworkModule", "check_seeds"]
 
@@ -99,7 +99,14 @@ class SegmentationModule(ManualStepModule):
         arch: segmentation-models-pytorch architecture (``"Unet"`` is the paper's).
         encoder_name: smp encoder. Its activations need a second derivative for the gradient penalty
             (ReLU-family encoders such as the ResNets do; hard-sigmoid ones such as MobileNetV3 do not).
-        encoder_weights: Pretrained encoder weights (``"imagenet"``) or ``None`` for random init.
+        encoder_weights: Pretrained encoder weights: an smp weights name (``"imagenet"``, downloaded by
+            smp), the path of a local ``.pth``/``.pt``/``.safetensors`` file holding the encoder's state
+            dict or a whole network's (its ``encoder.*`` part is taken; see
+            :func:`~gpcps_lightning.networks.load_encoder_state_dict` for the rule), or ``None`` for
+            random init. Every network of the method starts from these encoder weights; decoders and
+            heads are initialised from the method's seeds as without them. The path is recorded as a
+            hyperparameter, but :meth:`load_from_checkpoint` does not read the file (the checkpoint
+            holds the trained weights), so a checkpoint loads on a machine without it.
         in_channels: Input channels of the images.
         network_kwargs: Further ``smp.create_model`` arguments (``encoder_depth``, ``decoder_channels``).
         lr: Adam learning rate.
@@ -156,6 +163,12 @@ class SegmentationModule(ManualStepModule):
             raise ValueError(f"`gradient_clip_val` must be positive or None, got {gradient_clip_val}.")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"`threshold` must be in (0, 1), got {threshold}.")
+        if encoder_weights is not None and not isinstance(encoder_weights, str):
+            # A pathlib.Path would be recorded in the hyperparameters, which weights-only loading refuses.
+            raise TypeError(
+                "`encoder_weights` must be a string (an smp weights name or a file path) or None, got "
+                f"{type(encoder_weights).__name__}; pass str(path)."
+            )
         self.automatic_optimization = False
         self._network_args: dict[str, Any] = dict(
             arch=arch,
@@ -390,6 +403,9 @@ class SegmentationModule(ManualStepModule):
 
         The checkpoint is read once, checked with :func:`gpcps_lightning.checkpointing.read_checkpoint`
         (complete, written by this library, by this class or a subclass) and loaded weights-only by default.
+        The networks are built without their pretrained encoder weights
+        (:func:`~gpcps_lightning.networks.skip_pretrained_weights`): the checkpoint's weights replace
+        them, so a weights file named by ``encoder_weights`` need not exist here and nothing is downloaded.
 
         Raises:
             FileNotFoundError: If the file does not exist.
@@ -410,14 +426,15 @@ class SegmentationModule(ManualStepModule):
             read_checkpoint(io.BytesIO(data), expected_class=cls, weights_only=bool(weights_only))
         except ValueError as err:
             raise ValueError(str(err).replace("<in-memory checkpoint>", str(path))) from err
-        return super().load_from_checkpoint(
-            io.BytesIO(data),
-            map_location=map_location,
-            hparams_file=hparams_file,
-            strict=strict,
-            weights_only=weights_only,
-            **kwargs,
-        )
+        with skip_pretrained_weights():
+            return super().load_from_checkpoint(
+                io.BytesIO(data),
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=weights_only,
+                **kwargs,
+            )
 
 
 class TwoNetworkModule(SegmentationModule):
