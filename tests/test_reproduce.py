@@ -982,7 +982,7 @@ def test_stpp_record_is_reused_and_an_interrupted_pipeline_resumes_its_stages(
 
 
 def test_stpp_method_config_rejections(tmp_path: Path) -> None:
-    from gpcps_lightning.tools.reproduce import _stpp_options
+    from gpcps_lightning.tools.reproduce import _build, _parser, _stpp_options
 
     path = tmp_path / "m.yaml"
     path.write_text("model: {class_path: gpcps_lightning.SupervisedModule}\nstpp: [0.5]\n")
@@ -996,6 +996,12 @@ def test_stpp_method_config_rejections(tmp_path: Path) -> None:
         _stpp_options(load_method_config(path))
     path.write_text("model: {class_path: gpcps_lightning.SupervisedModule}\nstpp:\n")
     assert _stpp_options(load_method_config(path)) == STPPOptions()
+    # ST++'s stages build their own trainers: no learning-rate schedule from the runner
+    args = _parser().parse_args(
+        _run_args(tmp_path / "out", tmp_path / "data", path, "--lr-schedule", "cosine")
+    )
+    with pytest.raises(ValueError, match=r"m\.yaml: --lr-schedule cosine is not available for ST\+\+"):
+        _build(args, load_method_config(path), 0.25, 0)
 
 
 def test_committed_measurements_hold_no_machine_paths() -> None:
