@@ -32,6 +32,7 @@ from gpcps_lightning.tools.provenance import (
 from gpcps_lightning.tools.report import (
     PAPER_TABLE1,
     combined_interval,
+    late_gain,
     load_records,
     make_tables,
     run_flags,
@@ -1024,3 +1025,53 @@ def test_bench_reports_record_output_files_without_their_folders() -> None:
         "out.json",
         "--profile=trace",
     ]
+
+
+def test_validation_only_runs_never_read_the_test_split_and_make_pilot_tables(tmp_path: Path) -> None:
+    config = tmp_path / "sup.yaml"
+    config.write_text("model:\n  class_path: gpcps_lightning.SupervisedModule\n")
+    out, data = tmp_path / "pilot", tmp_path / "data"
+    args = _run_args(out, data, config, "--validation-only", "--lr-schedule", "cosine")
+    assert main(args) == 0
+    (record,) = [r for r in load_records(out) if r["method"] == "sup"]
+    assert record["test"] is None and record["test_images"] is None and record["val"]
+    assert record["settings"]["trainer.lr_schedule"] == "cosine"
+    assert record["config"]["trainer"]["lr_schedule"] == "cosine"
+    text = make_tables(load_records(out))
+    assert text.startswith("#### Pilot: validation Dice (%), never the test split")
+    assert "Table 1" not in text and "test Dice" not in text
+    # a tested command on the same folder is refused before anything trains
+    with pytest.raises(ValueError, match="a validation-only run, and this command tests"):
+        main([a for a in args if a != "--validation-only"])
+    with pytest.raises(ValueError, match="drop one of the two options"):
+        main([*_run_args(tmp_path / "p2", data, config, "--validation-only"), "--external", str(data)])
+
+
+def test_pilot_tables_hand_worked(tmp_path: Path) -> None:
+    def pilot(method: str, seed: int, curve: list[float], head: str = "net1") -> dict[str, Any]:
+        r = _record(method, 0.0625, seed, 0.0, head=head)
+        r["test"], r["wall_time_s"] = None, 120.0 * (seed + 1)
+        r["val_curve"] = {"step": [250, 500, 750, 1000], f"dice_{head}": curve}
+        return r
+
+    records = [
+        pilot("supervised", 0, [0.3, 0.5, 0.60, 0.605]),
+        pilot("supervised", 1, [0.3, 0.5, 0.58, 0.60]),
+    ]
+    records += [
+        pilot("cps", 0, [0.3, 0.5, 0.6, 0.655], "ensemble"),
+        pilot("cps", 1, [0.3, 0.5, 0.6, 0.64], "ensemble"),
+    ]
+    # the last validation minus the one nearest to three quarters of the run (step 750)
+    assert late_gain(records[0]) == pytest.approx(0.5) and late_gain(records[1]) == pytest.approx(2.0)
+    text = make_tables(load_records(_write(tmp_path, records)))
+    sup = _row(text, "| UNet (supervised)")
+    assert "| 60.25 ± 0.35, n=2 (s0 60.50, s1 60.00) | 1.25 ± 1.06, n=2 | 3.00 ± 1.41, n=2 |" in sup
+    diffs = [5.0, 4.0]
+    half = t_quantile(1) * statistics.stdev(diffs) / 2**0.5
+    assert f"| s0 +5.00, s1 +4.00 | +4.50 | [{4.5 - half:+.2f}, {4.5 + half:+.2f}] |" in text
+    with pytest.raises(ValueError, match="mix validation-only runs"):
+        make_tables(load_records(_write(tmp_path / "mixed", [records[0], _record("gpcps", 0.125, 0, 0.5)])))
+    no_curve = {k: v for k, v in records[0].items() if k != "val_curve"}
+    with pytest.raises(ValueError, match="has no validation curve"):
+        make_tables(load_records(_write(tmp_path / "nocurve", [no_curve])))

@@ -33,7 +33,9 @@ __all__ = [
     "PAPER_TABLE1",
     "PAPER_TABLE2",
     "combined_interval",
+    "late_gain",
     "load_records",
+    "make_pilot_tables",
     "make_plot",
     "make_tables",
     "run_flags",
@@ -287,6 +289,14 @@ def make_tables(records: Sequence[dict[str, Any]]) -> str:
     Returns:
         The markdown text, ending with a newline.
     """
+    pilots = [r for r in records if r["test"] is None]
+    if pilots:
+        if len(pilots) != len(records):
+            raise ValueError(
+                "These records mix validation-only runs (a pilot: test is null) with tested runs; keep "
+                "them in separate folders."
+            )
+        return make_pilot_tables(records)
     rows = _rows(records)
     fractions = sorted(set(PAPER_TABLE1["GP-CPS"]) | {float(r["fraction"]) for r in records}, reverse=True)
     none_yet = (
@@ -389,6 +399,100 @@ def _commits(record: Mapping[str, Any]) -> list[str]:
         if commit and commit not in out:
             out.append(commit)
     return out or ["–"]
+
+
+def _final_val(record: Mapping[str, Any]) -> float | None:
+    """The selection head's last validation Dice (%) during training, from the record's curve."""
+    values = (record.get("val_curve") or {}).get(f"dice_{record['selection_head']}") or []
+    return None if not values or values[-1] is None else 100.0 * float(values[-1])
+
+
+def late_gain(record: Mapping[str, Any]) -> float | None:
+    """Validation Dice (points) gained over the last quarter of training.
+
+    The last validation minus the validation nearest to three quarters of the run; ``None`` without a
+    curve of two points or more.
+    """
+    curve = record.get("val_curve") or {}
+    steps, values = curve.get("step") or [], curve.get(f"dice_{record['selection_head']}") or []
+    if len(steps) < 2 or None in values:
+        return None
+    three_quarters = 0.75 * steps[-1]
+    i = min(range(len(steps)), key=lambda k: abs(steps[k] - three_quarters))
+    return 100.0 * (float(values[-1]) - float(values[i]))
+
+
+def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown for validation-only runs (a pilot).
+
+    Each row's last validation Dice, how much it still gained over the last quarter of training, its
+    cost, and seed-paired differences with t intervals over seeds.
+
+    Raises:
+        ValueError: If a record has no validation curve.
+    """
+    for r in records:
+        if _final_val(r) is None:
+            raise ValueError(
+                f"Pilot record {r['method']} seed {r['seed']} has no validation curve (val_curve); rerun "
+                "it with this version of `gpcps reproduce run --validation-only`."
+            )
+    rows = _rows(records)
+    fractions = sorted({float(r["fraction"]) for r in records}, reverse=True)
+    lines = [
+        "#### Pilot: validation Dice (%), never the test split",
+        "",
+        "Per row: the selection head's last validation Dice (mean ± sd over seeds, each seed's value), the "
+        "validation Dice it gained over the last quarter of training (last validation minus the one at "
+        "three quarters; a converged row gains less than 1 point) and the training time per run.",
+        "",
+        "| Method | settings | fraction | last validation Dice | gain over the last quarter "
+        "| minutes per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for f in fractions:
+            group = row.at(f)
+            if not group:
+                continue
+            finals = [v for r in group if (v := _final_val(r)) is not None]
+            seeds = ", ".join(f"s{r['seed']} {v:.2f}" for r, v in zip(group, finals, strict=True))
+            gains = [g for r in group if (g := late_gain(r)) is not None]
+            minutes = [r["wall_time_s"] / 60 for r in group if "wall_time_s" in r]
+            lines.append(
+                f"| {row.label} | `{row.settings}` | {_fraction_name(f)} | {_mean_sd(finals)} ({seeds}) | "
+                f"{_mean_sd(gains)} | {_mean_sd(minutes)} |"
+            )
+    lines += [
+        "",
+        "#### Pilot: seed-paired differences of the last validation Dice (points)",
+        "",
+        "| fraction | difference | shared seeds | per seed | mean | 95% t interval over seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in fractions:
+        at = [(row, {r["seed"]: r for r in row.at(f)}) for row in rows if row.at(f)]
+        for i, (earlier, early) in enumerate(at):
+            for later, late in at[i + 1 :]:
+                shared = sorted(early.keys() & late.keys())
+                if not shared or _protocol(late[shared[0]]) != _protocol(early[shared[0]]):
+                    continue
+                diffs = [_final_val(late[s]) - _final_val(early[s]) for s in shared]  # type: ignore[operator]
+                mean = statistics.fmean(diffs)
+                interval = "– (one seed)"
+                if len(diffs) > 1:
+                    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+                    interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+                per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
+                name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
+                lines.append(
+                    f"| {_fraction_name(f)} | {name} | {', '.join(map(str, shared))} | {per_seed} | "
+                    f"{mean:+.2f} | {interval} |"
+                )
+    lines += _settings_table(rows)
+    lines += _flagged_table(rows)
+    lines += _code_table(records)
+    return "\n".join(lines) + "\n"
 
 
 def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> list[str]:

@@ -317,6 +317,18 @@ def run_one(
     config = method if isinstance(method, MethodConfig) else load_method_config(method)
     run = _build(args, config, fraction, seed)
     finished = _reusable_record(run)
+    validation_only = bool(getattr(args, "validation_only", False))
+    if finished is not None and (finished.get("test") is None) != validation_only:
+        raise ValueError(
+            f"Run record {run.target} is {'a tested' if validation_only else 'a validation-only'} run, and "
+            f"this command {'is validation-only' if validation_only else 'tests'}: a pilot's records and a "
+            "study's never share a folder. Pass another --out."
+        )
+    if validation_only and _external_folders(args):
+        raise ValueError(
+            "--external scores the test-time checkpoint on other data; a --validation-only run "
+            "reads no data but its validation split: drop one of the two options."
+        )
     if finished is not None:
         missing = [d for d in _external_folders(args) if Path(d).name not in finished.get("external", {})]
         if missing:
@@ -346,10 +358,14 @@ def run_one(
     # ST++'s final weights are already in `module` (its checkpoint holds its own trainings' callbacks)
     selected = best if pipeline is None else None
     val = _metrics(trainer.validate(module, datamodule, ckpt_path=selected, verbose=False))
-    test = _metrics(trainer.test(module, datamodule, ckpt_path=selected, verbose=False))
-    # trainer.test loaded the selected checkpoint into `module`: score it image by image.
-    test_images = _per_image(module, datamodule.test_dataset.pairs, datamodule)
-    external = {Path(d).name: _external_entry(module, d, datamodule) for d in _external_folders(args)}
+    test: dict[str, float] | None = None
+    test_images: dict[str, Any] | None = None
+    external: dict[str, Any] = {}
+    if not getattr(args, "validation_only", False):
+        test = _metrics(trainer.test(module, datamodule, ckpt_path=selected, verbose=False))
+        # trainer.test loaded the selected checkpoint into `module`: score it image by image.
+        test_images = _per_image(module, datamodule.test_dataset.pairs, datamodule)
+        external = {Path(d).name: _external_entry(module, d, datamodule) for d in _external_folders(args)}
     split = datamodule.split
     height, width = datamodule.image_size
     record: dict[str, Any] = {
@@ -411,7 +427,8 @@ def run_one(
         "best_step": _read_step(best),
         "selection_head": module.selection_head,
         "val": {k.removeprefix("val/"): v for k, v in val.items()},
-        "test": {k.removeprefix("test/"): v for k, v in test.items()},
+        # null for a validation-only run (--validation-only: a pilot never reads the test split)
+        "test": None if test is None else {k.removeprefix("test/"): v for k, v in test.items()},
         # Per-image test scores of every head ([name, dice, iou]; null where prediction and mask are both
         # empty), for intervals over images.
         "test_images": test_images,
@@ -740,6 +757,11 @@ def _parser() -> argparse.ArgumentParser:
         default="constant",
         help="learning rate over the run: constant, or a cosine decay to zero (callbacks.LRSchedule)",
     )
+    add(
+        "--validation-only",
+        action="store_true",
+        help="never read the test split (a pilot): the record holds validation scores only",
+    )
     add("--eval-at-training-size", action="store_true", help="score at the training size, not the original")
     add("--out", default="runs/reproduce", help="folder for records/ and runs/")
     add("--progress-bar", action="store_true", help="show Lightning's progress bar")
@@ -870,9 +892,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[reproduce] {config.name} fraction={fraction} seed={seed}: {state}", flush=True)
         record = run_one(args, config, fraction, seed)
         head = record["selection_head"]
+        scores = record["test"] if record["test"] is not None else record["val"]
+        split_name = "test" if record["test"] is not None else "val"
         print(
             f"[reproduce] {config.name} fraction={fraction} seed={seed} settings={record['settings_id']}: "
-            f"test dice_{head}={100 * record['test'][f'dice_{head}']:.2f} ({record['wall_time_s']} s)",
+            f"{split_name} dice_{head}={100 * scores[f'dice_{head}']:.2f} ({record['wall_time_s']} s)",
             flush=True,
         )
         for flag in run_flags(record):
