@@ -5,22 +5,20 @@
 generated images: a brighter square on noise. It trains in seconds on a CPU and needs no files, which
 is what configs in tests want; use :mod:`gpcps_lightning.data` for real data.
 
-The W&B log reader that lived here is :func:`gpcps_lightning.tools.wandb_reader.read_wandb_run`; the old
-name still imports from this module, with a ``DeprecationWarning``.
+The W&B log reader is :func:`gpcps_lightning.tools.wandb_reader.read_wandb_run`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gpcps_lightning._utils import moved_attribute
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data.io import read_image
 from gpcps_lightning.inference.predict import Preprocessing, list_images, preprocess
@@ -256,10 +254,3 @@ def fp16_penalty_agreement(
         "fp16_norm": float(half_norm),
         "finite": bool(torch.isfinite(half).all()),
     }
-
-
-def __getattr__(name: str) -> Any:
-    # The W&B log reader moved to the tools; its old names still import from here.
-    if name in ("read_wandb_run", "_wandb_records"):
-        return moved_attribute(__name__, "gpcps_lightning.tools.wandb_reader", name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,8 @@ from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.methods.gpcps import GPCPSModule
 from gpcps_lightning.tools import bench
 from gpcps_lightning.tools.bench import BenchConfig, count_step_flops, measure
+from gpcps_lightning.tools.bench.lightning_kinds import lightning_module
+from gpcps_lightning.tools.bench.plain import PlainGPCPS
 
 TINY_ARGS = [
     "--encoder",
@@ -88,7 +90,9 @@ def test_finish_amortizes_the_lazy_penalty_over_windows() -> None:
     # (penalty on the even global steps 4 and 6), step 7 only closes the timing.
     durations = [9.0, 9.0, 9.0, 2.0, 3.0, 1.0, 5.0]
     starts = [sum(durations[:i]) for i in range(len(durations) + 1)]
-    result = bench._finish("gpcps_lazy", config, starts, [10, 4], memory_before=None, losses={"loss": 1.0})
+    result = measure.kind_result(
+        "gpcps_lazy", config, starts, [10, 4], memory_before=None, losses={"loss": 1.0}
+    )
     assert result.step_times_s == [2.0, 3.0, 1.0, 5.0]
     assert result.median_step_s == pytest.approx((2.5 + 3.0) / 2)  # windows (2+3)/2 and (1+5)/2
     assert result.min_step_s == pytest.approx((3.0 + 1.0) / 2)  # fastest penalty and fastest other step
@@ -103,7 +107,7 @@ def test_finish_plain_kind_takes_the_median_after_warmup() -> None:
     config = tiny_config(steps=3, warmup=2).checked()
     durations = [50.0, 20.0, 20.0, 2.0, 4.0, 3.0]  # step 0 counts FLOPs, steps 1-2 warm up
     starts = [sum(durations[:i]) for i in range(len(durations) + 1)]
-    result = bench._finish("cps", config, starts, [12], memory_before=None, losses={"a": math.inf})
+    result = measure.kind_result("cps", config, starts, [12], memory_before=None, losses={"a": math.inf})
     assert result.step_times_s == [2.0, 4.0, 3.0]
     assert result.median_step_s == 3.0
     assert result.flops_per_step == 12.0
@@ -118,17 +122,17 @@ def test_finish_peak_is_never_below_the_reading_before_the_steps(monkeypatch: py
     starts = [float(i) for i in range(6)]  # FLOP step, warm-up, three timed steps, end
     before = 1_000_000_000
     monkeypatch.setattr(measure, "_peak_rss_bytes", lambda: before - 356 * 1024)
-    result = bench._finish("cps", config, starts, [12], memory_before=before, losses={})
+    result = measure.kind_result("cps", config, starts, [12], memory_before=before, losses={})
     assert result.memory_measure == "process_peak_rss"
     assert result.peak_memory_bytes == before
     assert result.memory_before_steps_bytes == before
     # A real peak above the reading is kept as it is.
     monkeypatch.setattr(measure, "_peak_rss_bytes", lambda: before + 5)
-    result = bench._finish("cps", config, starts, [12], memory_before=before, losses={})
+    result = measure.kind_result("cps", config, starts, [12], memory_before=before, losses={})
     assert result.peak_memory_bytes == before + 5
     # Where the platform gives no figure, none is made up.
     monkeypatch.setattr(measure, "_peak_rss_bytes", lambda: None)
-    result = bench._finish("cps", config, starts, [12], memory_before=before, losses={})
+    result = measure.kind_result("cps", config, starts, [12], memory_before=before, losses={})
     assert result.peak_memory_bytes is None
 
 
@@ -145,7 +149,7 @@ def test_cpu_peak_holds_after_memory_is_handed_back_with_madvise() -> None:
     try:
         for offset in range(0, size, mmap.PAGESIZE):
             region[offset] = 1
-        before = measure._memory_start(cpu)
+        before = measure.memory_start(cpu)
         region.madvise(mmap.MADV_DONTNEED)
         peak, name = measure._memory_peak(cpu, before)
     finally:
@@ -233,10 +237,9 @@ def test_benchmark_all_kinds_in_process(tmp_path: Path, capsys: pytest.CaptureFi
     assert report["environment"]["torch"] == torch.__version__
 
 
-@pytest.mark.parametrize("module", ["gpcps_lightning.tools.bench", "gpcps_lightning.bench"])
-def test_python_m_runs_the_command_line(module: str) -> None:
-    # The package runs through its __main__; the deprecated module forwards to it with runpy.
-    cmd = [sys.executable, "-m", module, "--help"]
+def test_python_m_runs_the_command_line() -> None:
+    # The package runs through its __main__.
+    cmd = [sys.executable, "-m", "gpcps_lightning.tools.bench", "--help"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("usage: gpcps bench")
@@ -267,10 +270,10 @@ def test_plain_loop_matches_the_module_losses() -> None:
     config = tiny_config().checked()
     (batch,) = bench.make_batches(config, count=1)
     torch.manual_seed(5)
-    loop = bench._PlainGPCPS(config)
+    loop = PlainGPCPS(config)
     torch.manual_seed(5)
     plain = loop.step(batch)
-    module = bench._lightning_module("gpcps", config)
+    module = lightning_module("gpcps", config)
     torch.manual_seed(5)
     expected = module.compute_losses(batch, 0)
     assert plain["loss_sup"] == pytest.approx(float(expected.sup.detach()), rel=1e-5)
@@ -284,13 +287,13 @@ def test_plain_loop_with_fused_adam_takes_the_same_step() -> None:
     (batch,) = bench.make_batches(tiny_config().checked(), count=1)
     weights = []
     for fused in (False, True):
-        loop = bench._PlainGPCPS(tiny_config(plain_fused_adam=fused).checked())
+        loop = PlainGPCPS(tiny_config(plain_fused_adam=fused).checked())
         assert bool(loop.opt1.defaults["fused"]) is fused
         torch.manual_seed(5)
         loop.step(batch)
         weights.append(torch.cat([p.detach().flatten() for p in loop.net1.parameters()]))
     assert not torch.equal(
-        weights[0], torch.cat([p.flatten() for p in bench._PlainGPCPS(tiny_config()).net1.parameters()])
+        weights[0], torch.cat([p.flatten() for p in PlainGPCPS(tiny_config()).net1.parameters()])
     )
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
 

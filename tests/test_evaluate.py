@@ -278,11 +278,19 @@ def _exit_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_evaluate_rejections(
-    checkpoint: Path, folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    checkpoint: Path,
+    folders: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     draw = str(folders["draw"])
     err = _exit_message([str(tmp_path / "nope.ckpt"), "--folders", draw], capsys)
     assert "gpcps evaluate: error: Checkpoint file not found:" in err and "nope.ckpt" in err
+    monkeypatch.setenv("GPCPS_TRACEBACK", "1")  # the traceback on request
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
+        gpcps(["evaluate", str(tmp_path / "nope.ckpt"), "--folders", draw])
+    monkeypatch.delenv("GPCPS_TRACEBACK")
     err = _exit_message([str(checkpoint), "--folders", draw, "--head", "teacher"], capsys)
     assert "Unknown head 'teacher' for GPCPSModule, whose heads are net1, net2, ensemble" in err
 

@@ -1,9 +1,10 @@
-"""The package layout: layers import downwards only, old import paths still work, records stay comparable."""
+"""The package layout: layers import downwards only, no alias modules, old records and checkpoints load."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import io
 import json
 import subprocess
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_NET, RandomSemiDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import gpcps_lightning
-from gpcps_lightning import CPSModule, GPCPSModule, KvasirSEGDataModule, SupervisedModule
+from gpcps_lightning import CPSModule, GPCPSModule, KvasirSEGDataModule, SegmentationModule, SupervisedModule
+from gpcps_lightning._utils import import_object
 from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
+from gpcps_lightning.inference.predict import load_module
 from gpcps_lightning.tools.provenance import (
     public_class_path,
     run_settings,
@@ -26,10 +31,11 @@ from gpcps_lightning.tools.provenance import (
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "gpcps_lightning"
-RECORD = REPO / "docs" / "records" / "fast-cpu" / "gpcps_1of8_seed0.json"
+RECORDS = REPO / "docs" / "records"
+RECORD = RECORDS / "fast-cpu" / "gpcps_1of8_seed0.json"
 
 #: The layers, bottom first: a module may import the package's modules of its own rank or below, never
-#: above. Deprecated alias modules (``module``, ``predict`` ...) import lazily and are left out.
+#: above.
 RANKS = {
     "_utils": 0,
     "_version": 0,
@@ -50,17 +56,23 @@ RANKS = {
     "cli": 6,
     "__main__": 7,
 }
-ALIASES = {
-    "_io",
-    "module",
-    "baselines",
-    "predict",
-    "export",
-    "evaluate",
-    "reproduce",
-    "report",
-    "provenance",
-    "bench",
+
+#: Modules that moved before the first release and whose deprecated aliases were removed (0.1.0.dev0
+#: had no users to protect). They must not come back: import from the new place (the value) instead.
+#: Records and checkpoints that name a class by one of these paths still load: ``public_class_path``
+#: maps the path as a string, importing nothing.
+REMOVED_ALIASES = {
+    "gpcps_lightning._io": "gpcps_lightning._utils",
+    "gpcps_lightning.module": "gpcps_lightning (the modules), gpcps_lightning.losses",
+    "gpcps_lightning.baselines": "gpcps_lightning (the modules), gpcps_lightning.losses.baselines",
+    "gpcps_lightning.predict": "gpcps_lightning.inference.predict",
+    "gpcps_lightning.export": "gpcps_lightning.inference.export",
+    "gpcps_lightning.evaluate": "gpcps_lightning.inference.evaluate",
+    "gpcps_lightning.reproduce": "gpcps_lightning.tools.reproduce",
+    "gpcps_lightning.report": "gpcps_lightning.tools.report",
+    "gpcps_lightning.provenance": "gpcps_lightning.tools.provenance",
+    "gpcps_lightning.bench": "gpcps_lightning.tools.bench",
+    "gpcps_lightning.data.bench_loader": "gpcps_lightning.tools.bench_loader",
 }
 
 
@@ -79,21 +91,25 @@ def _package_imports(path: Path) -> set[str]:
 
 def _layer(path: Path) -> str:
     parts = path.relative_to(PACKAGE).parts
-    if parts[-1] == "bench_loader.py" and parts[0] == "data":
-        return "alias"
     return parts[0].removesuffix(".py") if len(parts) == 1 else parts[0]
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
 def test_every_module_has_a_layer() -> None:
-    layers = {_layer(p) for p in PACKAGE.rglob("*.py")} - ALIASES - {"alias"}
+    layers = {_layer(p) for p in MODULES}
     assert layers <= set(RANKS), sorted(layers - set(RANKS))
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_layers_import_downwards_only(path: Path) -> None:
     layer = _layer(path)
-    if layer in ALIASES or layer == "alias":
-        return
     problems = []
     for name in _package_imports(path):
         if layer == "losses" and name.split(".")[0] == "lightning":
@@ -102,10 +118,24 @@ def test_layers_import_downwards_only(path: Path) -> None:
             continue
         parts = name.split(".")
         target = parts[1] if len(parts) > 1 else "__init__"
-        if target in ALIASES:
-            problems.append(f"imports the deprecated alias {name}")
+        if name in REMOVED_ALIASES or target not in RANKS:
+            problems.append(f"imports {name}, which is not a module of the package")
         elif target != layer and RANKS[target] > RANKS[layer]:
             problems.append(f"imports {name} (layer {target}, rank {RANKS[target]} > {RANKS[layer]})")
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_name_is_imported_from_another_module(path: Path) -> None:
+    """A helper that two modules share has a public name in its home module; none is re-exported privately."""
+    own = _module_name(path)
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gpcps_lightning"):
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and node.module != own:
+                    problems.append(f"line {node.lineno}: from {node.module} import {alias.name}")
     assert not problems, problems
 
 
@@ -119,42 +149,50 @@ def test_importing_the_package_warns_nothing() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-# ---------------------------------------------------------------- old paths
-OLD_MODULE_NAMES = {
-    "gpcps_lightning.module": ["GPCPSLosses", "GPCPSModule", "SegmentationModule", "_segmentation_metrics"],
-    "gpcps_lightning.baselines": [
-        "CPSLosses",
-        "CPSModule",
-        "MeanTeacherLosses",
-        "MeanTeacherModule",
-        "SupervisedLosses",
-        "SupervisedModule",
-        "add_gaussian_noise",
-        "ema_decay_at",
-        "ema_update",
-    ],
-    "gpcps_lightning.reproduce": ["run_one", "main"],
-    "gpcps_lightning.report": ["make_tables"],
-    "gpcps_lightning.provenance": ["settings_id", "code_version"],
-    "gpcps_lightning.bench": ["BenchConfig", "run_benchmark"],
-    "gpcps_lightning.data.bench_loader": ["main"],
-}
+# ---------------------------------------------------------------- no alias layer
+@pytest.mark.parametrize("module", sorted(REMOVED_ALIASES))
+def test_removed_alias_modules_stay_gone(module: str) -> None:
+    relative = Path(*module.split(".")[1:])
+    assert not (PACKAGE / relative.with_suffix(".py")).exists(), f"import from {REMOVED_ALIASES[module]}"
+    assert not (PACKAGE / relative).exists(), f"import from {REMOVED_ALIASES[module]}"
+    assert importlib.util.find_spec(module) is None, f"import from {REMOVED_ALIASES[module]}"
 
 
-@pytest.mark.parametrize(("module", "name"), [(m, n) for m, names in OLD_MODULE_NAMES.items() for n in names])
-def test_old_module_paths_still_import_with_a_warning(module: str, name: str) -> None:
-    old = importlib.import_module(module)
-    with pytest.warns(
-        DeprecationWarning, match=rf"{module} is deprecated[:;] import \w+ from gpcps_lightning\.[\w.]+"
-    ):
-        value = getattr(old, name)
-    if isinstance(value, type) and name in gpcps_lightning.__all__:
-        assert value is getattr(gpcps_lightning, name)
-    with pytest.raises(AttributeError):
-        old.no_such_name  # noqa: B018
+def test_no_module_serves_deprecated_names() -> None:
+    """No module-level ``__getattr__`` hands out moved names (the alias hook ``testing`` had is gone)."""
+    hooks = [
+        str(path.relative_to(PACKAGE))
+        for path in MODULES
+        if any(
+            isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+            for node in ast.parse(path.read_text()).body
+        )
+    ]
+    assert hooks == []
+    testing = importlib.import_module("gpcps_lightning.testing")
+    assert not hasattr(testing, "read_wandb_run")
+    assert not hasattr(importlib.import_module("gpcps_lightning._utils"), "moved_attribute")
 
 
-def test_losses_package_keeps_every_old_name_without_warning() -> None:
+def test_python_m_of_the_removed_modules_fails_and_the_tools_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gpcps_lightning.reproduce", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "No module named gpcps_lightning.reproduce" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "gpcps_lightning.tools.reproduce", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_losses_package_exports_the_loss_functions_without_warning() -> None:
     old_names = [
         "authors_background_mask",
         "authors_dice_loss",
@@ -229,7 +267,7 @@ def test_committed_record_compares_equal_to_the_settings_computed_now(tmp_path: 
 
 
 def test_checkpoints_stamped_with_a_legacy_class_path_still_load() -> None:
-    """Old stamps name the module a class was defined in; they load, without a deprecation warning."""
+    """Old stamps name the module a class was defined in, which is gone; they load, warning nothing."""
     for legacy, cls, other in [
         ("gpcps_lightning.module.GPCPSModule", GPCPSModule, SupervisedModule),
         ("gpcps_lightning.baselines.CPSModule", CPSModule, GPCPSModule),
@@ -248,3 +286,55 @@ def test_checkpoints_stamped_with_a_legacy_class_path_still_load() -> None:
                 ValueError, match=rf"holds a {public} checkpoint, not a gpcps_lightning\.{other.__name__}"
             ):
                 read_checkpoint(buffer, expected_class=other)
+
+
+def _class_paths(value: object) -> list[str]:
+    """Every ``class_path`` / ``*.class_path`` string value in a JSON document."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key.endswith("class_path") and isinstance(item, str):
+                found.append(item)
+            found += _class_paths(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += _class_paths(item)
+    return found
+
+
+def test_every_class_path_of_the_committed_records_names_a_class_that_imports() -> None:
+    """Records name classes by public, methods.* and legacy module.* / baselines.* paths: all resolve."""
+    paths = {p for f in sorted(RECORDS.rglob("*.json")) for p in _class_paths(json.loads(f.read_text()))}
+    assert "gpcps_lightning.module.GPCPSModule" in paths  # the legacy paths are still in the records
+    assert "gpcps_lightning.baselines.CPSModule" in paths
+    for path in sorted(paths):
+        public = public_class_path(path)
+        cls = import_object(public)
+        assert isinstance(cls, type), path
+        assert cls.__name__ == path.rpartition(".")[2], path
+        if path.startswith("gpcps_lightning.") and issubclass(cls, SegmentationModule):
+            assert public == f"gpcps_lightning.{cls.__name__}", path
+
+
+@pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*")
+def test_a_checkpoint_stamped_with_a_legacy_class_path_loads_in_full(tmp_path: Path) -> None:
+    """A real checkpoint whose stamp names ``gpcps_lightning.module.GPCPSModule`` loads with its weights."""
+    from conftest import tiny_trainer
+
+    trainer = tiny_trainer(
+        max_steps=1, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    )
+    trainer.fit(GPCPSModule(**TINY_NET), RandomSemiDataModule())
+    data = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert data[CHECKPOINT_KEY]["class"] == "gpcps_lightning.GPCPSModule"
+    data[CHECKPOINT_KEY]["class"] = "gpcps_lightning.module.GPCPSModule"
+    torch.save(data, tmp_path / "legacy.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for module in (
+            GPCPSModule.load_from_checkpoint(tmp_path / "legacy.ckpt"),
+            load_module(tmp_path / "legacy.ckpt"),
+        ):
+            assert type(module) is GPCPSModule
+            for name, value in module.state_dict().items():
+                torch.testing.assert_close(value, data["state_dict"][name])

@@ -765,8 +765,8 @@ def test_fp16_scaler_skipped_steps_do_not_move_the_teachers(
 def test_the_runner_builds_psmt_from_its_config_with_per_seed_networks() -> None:
     import argparse
 
-    from gpcps_lightning.provenance import load_method_config
-    from gpcps_lightning.reproduce import _make_module
+    from gpcps_lightning.tools.provenance import load_method_config
+    from gpcps_lightning.tools.reproduce import _make_module
 
     config = load_method_config("psmt")
     assert config.class_path == "gpcps_lightning.PSMTModule"

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from gpcps_lightning._utils import sha256_file
 from gpcps_lightning.pipelines import STAGES, STPPOptions
 from gpcps_lightning.tools.provenance import (
     METHOD_ALIASES,
     code_version,
-    file_sha256,
     library_versions,
     load_method_config,
     run_settings,
@@ -393,8 +393,8 @@ def test_settings_hold_every_default_and_the_split_files_hash() -> None:
     )
     assert settings["data.image_size"] == 256 and settings["data.augment"] is True
     assert settings["data.augmentation"].startswith("SegmentationAugmentation(")
-    assert settings["split.labeled"] == file_sha256(kvasir_seg_resource("labeled_1-4.txt"))
-    assert settings["split.train"] == file_sha256(kvasir_seg_resource("train.txt"))
+    assert settings["split.labeled"] == sha256_file(kvasir_seg_resource("labeled_1-4.txt"))
+    assert settings["split.train"] == sha256_file(kvasir_seg_resource("train.txt"))
     assert settings["trainer.precision"] == "bf16-mixed" and settings["trainer.val_every"] == 5
     assert settings["model.selection_head"] == "ensemble"
     for excluded in ("data.root", "data.num_workers", "data.download", "data.cache", "trainer.accelerator"):

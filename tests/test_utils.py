@@ -1,10 +1,9 @@
-"""The package's shared helpers (``gpcps_lightning._utils``) and the aliases left at moved modules' paths."""
+"""The package's shared helpers (``gpcps_lightning._utils``)."""
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from gpcps_lightning._utils import (
     code_version,
     import_object,
     resize_to_original_sizes,
+    sha256_file,
     size_pair,
 )
 from gpcps_lightning.callbacks import BestCheckpoint
@@ -133,37 +133,29 @@ def test_code_version_outside_a_checkout_is_unknown(tmp_path: Path) -> None:
     assert set(code_version()) == {"commit", "dirty", "changed_files"}
 
 
-# ----------------------------------------------------------------------------- deprecated aliases
-@pytest.mark.parametrize(
-    ("old", "new", "name"),
-    [
-        ("gpcps_lightning.predict", "gpcps_lightning.inference.predict", "Segmenter"),
-        ("gpcps_lightning.predict", "gpcps_lightning.inference.predict", "resize_to_original"),
-        ("gpcps_lightning.export", "gpcps_lightning.inference.export", "export_onnx"),
-        ("gpcps_lightning.evaluate", "gpcps_lightning.inference.evaluate", "main"),
-        ("gpcps_lightning.evaluate", "gpcps_lightning.inference.evaluate", "_PerImageMetrics"),
-        ("gpcps_lightning._io", "gpcps_lightning._utils", "atomic_path"),
-        ("gpcps_lightning.testing", "gpcps_lightning.tools.wandb_reader", "read_wandb_run"),
-        ("gpcps_lightning.testing", "gpcps_lightning.tools.wandb_reader", "_wandb_records"),
-    ],
-)
-def test_moved_names_import_from_their_old_path_with_a_warning(old: str, new: str, name: str) -> None:
-    module = importlib.import_module(old)
-    with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated; import {name} from {new}\."):
-        value = getattr(module, name)
-    assert value is getattr(importlib.import_module(new), name)
+# ----------------------------------------------------------------------------- file hashes
+@pytest.mark.parametrize("size", [0, 1, 5, 4096, 3 * 4096 + 17])
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+def test_sha256_file_is_the_digest_of_the_bytes_whatever_the_chunk(
+    tmp_path: Path, size: int, chunk: int
+) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert sha256_file(path, chunk=chunk) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
 
 
-def test_aliases_reject_unknown_names_without_a_warning() -> None:
-    for old in ("gpcps_lightning.predict", "gpcps_lightning._io", "gpcps_lightning.testing"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-                _ = importlib.import_module(old).no_such_name
+def test_sha256_file_by_hand(tmp_path: Path) -> None:
+    (tmp_path / "abc").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_split_functions_still_import_from_the_datamodule() -> None:
-    from gpcps_lightning.data import datamodule, splits
+def test_every_file_hash_of_the_package_is_sha256_file() -> None:
+    """Manifests, split-file settings and ST++ stage artefacts hash files with the one helper."""
+    from gpcps_lightning.data import kvasir
+    from gpcps_lightning.pipelines import stpp
+    from gpcps_lightning.tools import provenance, reproduce
 
-    for name in ("DataSplit", "ratio_split", "read_split_file", "split_folder", "_round_half_up"):
-        assert getattr(datamodule, name) is getattr(splits, name)
+    for module in (kvasir, stpp, provenance, reproduce):
+        assert module.sha256_file is sha256_file, module.__name__

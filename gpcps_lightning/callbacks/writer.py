@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gpcps_lightning._utils import resize_to_original_sizes
 from gpcps_lightning.batch import PredictionBatch
-from gpcps_lightning.callbacks.images import PREDICTION_COLOR, _save_png, display_images, overlay_mask
+from gpcps_lightning.callbacks.images import PREDICTION_COLOR, display_images, overlay_mask, save_png
 from gpcps_lightning.data.io import read_image
 
 __all__ = ["PredictionWriter"]
@@ -112,7 +112,7 @@ class PredictionWriter(BasePredictionWriter):
             mask = (probabilities[i][0] >= threshold).cpu().numpy()
             relative = self._relative_png(batch.names[i])
             target = folder / "masks" / relative
-            _save_png(mask.astype(np.uint8) * 255, target)
+            save_png(mask.astype(np.uint8) * 255, target)
             self.written_masks.append(str(target))
             if self.overlay and shown is not None:
                 original = None
@@ -122,4 +122,4 @@ class PredictionWriter(BasePredictionWriter):
                 if original is None or original.shape[:2] != (h, w):
                     resized = Image.fromarray(shown[i]).resize((w, h), Image.Resampling.BILINEAR)
                     original = np.asarray(resized, dtype=np.uint8)
-                _save_png(overlay_mask(original, mask, PREDICTION_COLOR), folder / "overlays" / relative)
+                save_png(overlay_mask(original, mask, PREDICTION_COLOR), folder / "overlays" / relative)

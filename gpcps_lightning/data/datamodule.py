@@ -39,12 +39,8 @@ from gpcps_lightning.data.datasets import (
     collate_prediction,
     collate_train,
 )
-
-# kvasir.py imports _preview and _round_half_up from here.
-from gpcps_lightning.data.io import _preview as _preview
 from gpcps_lightning.data.sampler import SemiSupervisedPairSampler
-from gpcps_lightning.data.splits import DataSplit, ratio_split, read_split_file, split_folder
-from gpcps_lightning.data.splits import _round_half_up as _round_half_up
+from gpcps_lightning.data.splits import DataSplit, split_folder
 from gpcps_lightning.data.streams import AUGMENTATION_STREAM, fusion_weights, seeded_rng, stream_seed
 from gpcps_lightning.data.transforms import (
     IMAGENET_MEAN,
@@ -54,14 +50,7 @@ from gpcps_lightning.data.transforms import (
     normalize,
 )
 
-__all__ = [
-    "DataSplit",
-    "FolderDataModule",
-    "SemiSupervisedDataModule",
-    "ratio_split",
-    "read_split_file",
-    "split_folder",
-]
+__all__ = ["FolderDataModule", "SemiSupervisedDataModule"]
 
 CheckFiles = Literal["header", "full"]
 

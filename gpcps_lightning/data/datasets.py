@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from gpcps_lightning.data.cache import SharedUInt8Cache
 from gpcps_lightning.data.io import (
-    _preview,
     list_image_files,
+    preview_names,
     read_image,
     read_image_and_size,
     read_image_size,
@@ -82,11 +82,11 @@ def pair_image_mask_folders(images_dir: str | Path, masks_dir: str | Path) -> li
     problems = []
     if no_mask:
         problems.append(
-            f"{len(no_mask)} image(s) in {images_dir} have no mask in {masks_dir}: {_preview(no_mask)}"
+            f"{len(no_mask)} image(s) in {images_dir} have no mask in {masks_dir}: {preview_names(no_mask)}"
         )
     if no_image:
         problems.append(
-            f"{len(no_image)} mask(s) in {masks_dir} have no image in {images_dir}: {_preview(no_image)}"
+            f"{len(no_image)} mask(s) in {masks_dir} have no image in {images_dir}: {preview_names(no_image)}"
         )
     if problems:
         raise ValueError(

@@ -17,6 +17,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "binarize_mask",
     "list_image_files",
+    "preview_names",
     "read_image",
     "read_image_and_size",
     "read_image_size",
@@ -365,14 +366,14 @@ def list_image_files(folder: Path, what: str) -> dict[str, Path]:
     if unsupported:
         raise ValueError(
             f"The {what} folder {folder} holds entries that are not images with a supported extension "
-            f"({', '.join(IMAGE_EXTENSIONS)}): {_preview(unsupported)}. Move them out of the folder."
+            f"({', '.join(IMAGE_EXTENSIONS)}): {preview_names(unsupported)}. Move them out of the folder."
         )
     duplicates = {s: p for s, p in by_stem.items() if len(p) > 1}
     if duplicates:
         listed = [" and ".join(p.name for p in paths) for paths in duplicates.values()]
         raise ValueError(
             f"The {what} folder {folder} holds files with the same name but different extensions, which "
-            f"cannot be paired unambiguously: {_preview(listed)}. Keep one file per name."
+            f"cannot be paired unambiguously: {preview_names(listed)}. Keep one file per name."
         )
     if not by_stem:
         raise ValueError(
@@ -382,7 +383,16 @@ def list_image_files(folder: Path, what: str) -> dict[str, Path]:
     return {s: p[0] for s, p in sorted(by_stem.items())}
 
 
-def _preview(names: Sequence[str] | Iterable[str], limit: int = 10) -> str:
+def preview_names(names: Sequence[str] | Iterable[str], limit: int = 10) -> str:
+    """The first ``limit`` names joined by commas, with the total when there are more, for messages.
+
+    Args:
+        names: The names to show.
+        limit: How many are shown.
+
+    Returns:
+        ``"a, b, c"``, or ``"a, b ... (12 in all)"`` when there are more than ``limit``.
+    """
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")

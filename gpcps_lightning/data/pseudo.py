@@ -24,7 +24,7 @@ import torch
 from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.data.datamodule import FolderDataModule
 from gpcps_lightning.data.datasets import CompactTrainBatch
-from gpcps_lightning.data.io import _preview
+from gpcps_lightning.data.io import preview_names
 from gpcps_lightning.data.sampler import labeled_stream_indices
 from gpcps_lightning.data.splits import read_split_file
 from gpcps_lightning.data.streams import STRONG_AUGMENTATION_STREAM, seeded_rng, stream_seed
@@ -77,7 +77,7 @@ class PseudoLabelDataModule(FolderDataModule):
             if unknown:
                 raise ValueError(
                     f"`strong_split` {self.strong_split} lists {len(unknown)} name(s) that are not labeled "
-                    f"training pairs: {_preview(unknown)}. It names the pseudo-labelled pairs among the "
+                    f"training pairs: {preview_names(unknown)}. It names the pseudo-labelled pairs among the "
                     "labeled ones."
                 )
             self._strong = np.array([name in names for name in labeled], dtype=bool)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from gpcps_lightning.data.datasets import ImageMaskPair, pair_image_mask_folders
-from gpcps_lightning.data.io import IMAGE_EXTENSIONS, _preview, list_image_files
+from gpcps_lightning.data.io import IMAGE_EXTENSIONS, list_image_files, preview_names
 
-__all__ = ["DataSplit", "ratio_split", "read_split_file", "split_folder"]
+__all__ = ["DataSplit", "ratio_split", "read_split_file", "round_half_up", "split_folder"]
 
 
 @dataclass
@@ -73,7 +73,7 @@ def read_split_file(path: str | Path, option: str = "split file") -> list[str]:
     repeated = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
     if repeated:
         raise ValueError(
-            f"`{option}`: the split file {path} lists names more than once: {_preview(repeated)}."
+            f"`{option}`: the split file {path} lists names more than once: {preview_names(repeated)}."
         )
     return names
 
@@ -82,20 +82,24 @@ def _check_names(names: Sequence[str], known: set[str], option: str, where: str)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(
-            f"`{option}` lists {len(unknown)} name(s) that are not {where}: {_preview(unknown)}. "
+            f"`{option}` lists {len(unknown)} name(s) that are not {where}: {preview_names(unknown)}. "
             "Split files hold file stems (no folder, no extension) of existing image/mask pairs."
         )
 
 
-def _round_half_up(x: float) -> int:
-    # Python's round() rounds half to even (round(0.5) == 0); counts of images round half up.
+def round_half_up(x: float) -> int:
+    """``x`` rounded to the nearest int, halves up: how fractions of an image count become counts.
+
+    Python's ``round`` rounds half to even (``round(0.5) == 0``, ``round(2.5) == 2``); counts of images
+    round half up (``0.5 -> 1``, ``2.5 -> 3``).
+    """
     return math.floor(x + 0.5)
 
 
 def _labeled_subset(train: Sequence[str], fraction: float, seed: int, what: str) -> list[str]:
     """The first ``round(fraction * n)`` names of a seeded permutation of ``sorted(train)`` (nested)."""
     ordered = sorted(train)
-    k = _round_half_up(fraction * len(ordered))
+    k = round_half_up(fraction * len(ordered))
     if k < 1:
         raise ValueError(
             f"`labeled_fraction`={fraction} of the {len(ordered)} training images of {what} leaves no "
@@ -118,7 +122,7 @@ def ratio_split(
     """
     ordered = sorted(names)
     n = len(ordered)
-    n_val, n_test = _round_half_up(val_fraction * n), _round_half_up(test_fraction * n)
+    n_val, n_test = round_half_up(val_fraction * n), round_half_up(test_fraction * n)
     if val_fraction > 0 and n_val < 1:
         raise ValueError(
             f"`val_fraction`={val_fraction} of {n} images gives an empty validation set; raise it."
@@ -181,14 +185,14 @@ def split_folder(
             overlap = sorted(set(na) & set(nb))
             if overlap:
                 raise ValueError(
-                    f"`{a}` and `{b}` share {len(overlap)} name(s): {_preview(overlap)}. "
+                    f"`{a}` and `{b}` share {len(overlap)} name(s): {preview_names(overlap)}. "
                     "A name may be in one split only."
                 )
         unused = sorted(known - set(train) - set(val) - set(test))
         if unused:
             warnings.warn(
                 f"{len(unused)} image/mask pair(s) in {root} are in none of the split files and are not "
-                f"used: {_preview(unused)}.",
+                f"used: {preview_names(unused)}.",
                 stacklevel=3,
             )
     else:

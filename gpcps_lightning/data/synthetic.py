@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from gpcps_lightning.data.datamodule import DataSplit, FolderDataModule
+from gpcps_lightning.data.datamodule import FolderDataModule
+from gpcps_lightning.data.splits import DataSplit
 
 __all__ = [
     "SYNTHETIC_VERSION",

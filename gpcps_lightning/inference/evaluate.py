@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
-from gpcps_lightning._utils import atomic_path
+from gpcps_lightning._utils import atomic_path, traceback_requested
 from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch
 from gpcps_lightning.checkpointing import read_checkpoint
@@ -62,7 +62,7 @@ from gpcps_lightning.inference.predict import (
     load_module,
     parse_checkpoint_arguments,
 )
-from gpcps_lightning.methods.base import SegmentationModule, _segmentation_metrics
+from gpcps_lightning.methods.base import SegmentationModule, segmentation_metrics
 
 __all__ = [
     "EvaluationReport",
@@ -418,14 +418,14 @@ def _check_options(batch_size: int, threshold: float | None, num_workers: int) -
 
 # --------------------------------------------------------------------------- scoring
 class _PerImageMetrics(MetricCollection):
-    """The library's evaluation metrics (``_segmentation_metrics``), computed on each update alone.
+    """The library's evaluation metrics (:func:`segmentation_metrics`), computed on each update alone.
 
     Given original-size masks, the test step updates its metrics once per image, so each update's value
     is that image's score: NaN where the metric leaves the image out (prediction and mask both empty).
     """
 
     def __init__(self) -> None:
-        super().__init__(dict(_segmentation_metrics().items()), compute_groups=False)
+        super().__init__(dict(segmentation_metrics().items()), compute_groups=False)
         self.records: list[dict[str, float]] = []
 
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -701,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose=True,
         )
     except (FileNotFoundError, ValueError) as err:
+        if traceback_requested():  # GPCPS_TRACEBACK=1 or `gpcps --traceback evaluate ...`
+            raise
         print(f"gpcps evaluate: error: {err}", file=sys.stderr)
         return 2
     print(report.to_markdown())

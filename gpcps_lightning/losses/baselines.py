@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpcps_lightning.losses._checks import _check_map, _check_ramp, _check_same_shape
+from gpcps_lightning.losses._checks import check_map, check_ramp, check_same_shape
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function, dice_loss_with_ignore
 
 __all__ = [
@@ -61,7 +61,7 @@ def hard_pseudo_labels(logits: Tensor, threshold: float = 0.5) -> Tensor:
         - logits: (N, 1, H, W)
         - output: (N, 1, H, W)
     """
-    _check_map("logits", logits)
+    check_map("logits", logits)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"`threshold` must be in (0, 1), got {threshold}.")
     with torch.no_grad():
@@ -91,9 +91,9 @@ def cps_loss(logits_a: Tensor, logits_b: Tensor, threshold: float = 0.5) -> Tens
     Shape:
         - logits_a, logits_b: (N, 1, H, W)
     """
-    _check_map("logits_a", logits_a)
-    _check_map("logits_b", logits_b)
-    _check_same_shape("logits_a", logits_a, "logits_b", logits_b)
+    check_map("logits_a", logits_a)
+    check_map("logits_b", logits_b)
+    check_same_shape("logits_a", logits_a, "logits_b", logits_b)
     y_a = hard_pseudo_labels(logits_a, threshold)
     y_b = hard_pseudo_labels(logits_b, threshold)
     return F.binary_cross_entropy_with_logits(logits_a.float(), y_b) + F.binary_cross_entropy_with_logits(
@@ -121,9 +121,9 @@ def consistency_loss(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
     Shape:
         - student_probs, teacher_probs: (N, 1, H, W)
     """
-    _check_map("student_probs", student_probs)
-    _check_map("teacher_probs", teacher_probs)
-    _check_same_shape("student_probs", student_probs, "teacher_probs", teacher_probs)
+    check_map("student_probs", student_probs)
+    check_map("teacher_probs", teacher_probs)
+    check_same_shape("student_probs", student_probs, "teacher_probs", teacher_probs)
     return F.mse_loss(student_probs.float(), teacher_probs.detach().float())
 
 
@@ -143,7 +143,7 @@ def sigmoid_rampup(step: int, rampup_steps: int) -> float:
     Raises:
         ValueError: If ``step`` or ``rampup_steps`` is negative.
     """
-    _check_ramp(step, rampup_steps)
+    check_ramp(step, rampup_steps)
     if rampup_steps == 0 or step >= rampup_steps:
         return 1.0
     phase = 1.0 - step / rampup_steps
@@ -224,7 +224,7 @@ def ema_decay_at(
     Raises:
         ValueError: If ``step`` or ``rampup_steps`` is negative.
     """
-    _check_ramp(step, rampup_steps)
+    check_ramp(step, rampup_steps)
     if decay_after_rampup is None or step < rampup_steps:
         return decay
     return decay_after_rampup

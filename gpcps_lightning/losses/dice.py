@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from gpcps_lightning.losses._checks import _as_float, _check_map, _check_same_shape
+from gpcps_lightning.losses._checks import as_float, check_map, check_same_shape
 
 __all__ = [
     "DiceReduction",
@@ -56,15 +56,15 @@ def dice_loss(
         - probs: (N, 1, H, W)
         - target: (N, 1, H, W)
     """
-    _check_map("probs", probs)
-    _check_map("target", target)
-    _check_same_shape("probs", probs, "target", target)
+    check_map("probs", probs)
+    check_map("target", target)
+    check_same_shape("probs", probs, "target", target)
     if smooth <= 0:
         raise ValueError(f"`smooth` must be positive, got {smooth}.")
     if reduction not in ("per_sample", "batch"):
         raise ValueError(f"`reduction` must be 'per_sample' or 'batch', got {reduction!r}.")
-    p = _as_float(probs)
-    t = _as_float(target)
+    p = as_float(probs)
+    t = as_float(target)
     if reduction == "per_sample":
         p, t = p.flatten(1), t.flatten(1)
         intersection = (p * t).sum(dim=1)
@@ -162,7 +162,7 @@ def dice_loss_with_ignore(
         - probs, target, valid: (N, 1, H, W)
     """
     loss = dice_loss_function(variant)
-    _check_map("valid", valid)
-    _check_same_shape("probs", probs, "valid", valid)
-    v = _as_float(valid)
+    check_map("valid", valid)
+    check_same_shape("probs", probs, "valid", valid)
+    v = as_float(valid)
     return loss(probs * v, target * v)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpcps_lightning.losses._checks import _as_float, _check_map, _check_same_shape
+from gpcps_lightning.losses._checks import as_float, check_map, check_same_shape
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 
 __all__ = [
@@ -130,8 +130,8 @@ def gaussian_blur(maps: Tensor, kernel_size: tuple[int, int]) -> Tensor:
         - maps: (N, 1, H, W)
         - output: (N, 1, H, W)
     """
-    _check_map("maps", maps)
-    x = _as_float(maps)
+    check_map("maps", maps)
+    x = as_float(maps)
     k_h, k_w = kernel_size
     kernel_h = gaussian_kernel1d(k_h).to(device=x.device, dtype=x.dtype)
     kernel_w = gaussian_kernel1d(k_w).to(device=x.device, dtype=x.dtype)
@@ -179,7 +179,7 @@ def postprocess_flaw_map(flaw: Tensor, clip_threshold: float = 0.1) -> Tensor:
         - flaw: (N, 1, H, W)
         - output: (N, 1, H, W)
     """
-    _check_map("flaw", flaw)
+    check_map("flaw", flaw)
     with torch.no_grad():
         x = _blur(flaw.detach().float().clamp(min=0.0), 16)
         fmin, fmax = _per_sample_min_max(x)
@@ -216,8 +216,8 @@ def dynamic_consistency_targets(
         - outputs: (N, 1, H, W)
     """
     for name, x in (("p1", p1), ("p2", p2), ("flaw1", flaw1), ("flaw2", flaw2)):
-        _check_map(name, x)
-        _check_same_shape("p1", p1, name, x)
+        check_map(name, x)
+        check_same_shape("p1", p1, name, x)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"`threshold` of the dynamic consistency must be in [0, 1], got {threshold}.")
     with torch.no_grad():
@@ -260,9 +260,9 @@ def flaw_detector_target(probs: Tensor, y: Tensor, dilations: int = 1) -> Tensor
         - probs, y: (N, 1, H, W)
         - output: (N, 1, H, W)
     """
-    _check_map("probs", probs)
-    _check_map("y", y)
-    _check_same_shape("probs", probs, "y", y)
+    check_map("probs", probs)
+    check_map("y", y)
+    check_same_shape("probs", probs, "y", y)
     if dilations < 0:
         raise ValueError(f"`dilations` must be >= 0, got {dilations}.")
     with torch.no_grad():
@@ -300,21 +300,21 @@ def flaw_correction_loss(flaw: Tensor, mask: Tensor | None = None) -> Tensor:
     Shape:
         - flaw, mask: (N, 1, H, W)
     """
-    _check_map("flaw", flaw)
-    f = _as_float(flaw)
+    check_map("flaw", flaw)
+    f = as_float(flaw)
     if mask is None:
         return (f * f).mean()
-    _check_map("mask", mask)
-    _check_same_shape("flaw", flaw, "mask", mask)
+    check_map("mask", mask)
+    check_same_shape("flaw", flaw, "mask", mask)
     return (mask.detach().to(f.dtype) * f * f).mean()
 
 
 def _mse_to_detached_target(name: str, x: Tensor, target: Tensor) -> Tensor:
     # Both MSE terms of GCT: the network (or detector) output ``x`` against a target that is not trained.
-    _check_map(name, x)
-    _check_map("target", target)
-    _check_same_shape(name, x, "target", target)
-    return F.mse_loss(_as_float(x), _as_float(target.detach()))
+    check_map(name, x)
+    check_map("target", target)
+    check_same_shape(name, x, "target", target)
+    return F.mse_loss(as_float(x), as_float(target.detach()))
 
 
 def dynamic_consistency_loss(probs: Tensor, target: Tensor) -> Tensor:
@@ -448,9 +448,9 @@ def gct_objective(
         if weight < 0:
             raise ValueError(f"`{name}` must be >= 0, got {weight}.")
     for name, x in (("p1", p1), ("p2", p2), ("flaw1", flaw1), ("flaw2", flaw2)):
-        _check_map(name, x)
-        _check_same_shape("p1", p1, name, x)
-    _check_map("y", y)
+        check_map(name, x)
+        check_same_shape("p1", p1, name, x)
+    check_map("y", y)
     n_labeled = y.shape[0]
     if p1.shape[0] < n_labeled or p1.shape[2:] != y.shape[2:]:
         raise ValueError(
@@ -482,7 +482,7 @@ def gct_objective(
         flaw_term = flaw_correction_loss(flaw1_frozen, both_flawed) + flaw_correction_loss(
             flaw2_frozen, both_flawed
         )
-    y_f = _as_float(y)
+    y_f = as_float(y)
     fd = (
         flaw_detector_loss(flaw1[:n_labeled], flaw_detector_target(p1[:n_labeled], y_f, fd_target_dilations))
         + flaw_detector_loss(

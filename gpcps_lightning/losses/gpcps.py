@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpcps_lightning.losses._checks import _as_float, _check_eps, _check_map, _check_same_shape
+from gpcps_lightning.losses._checks import as_float, check_eps, check_map, check_same_shape
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 
 __all__ = [
@@ -97,8 +97,8 @@ def fuse_images(labeled: Tensor, unlabeled: Tensor, eps: Tensor) -> Tensor:
     """
     if labeled.ndim != 4:
         raise ValueError(f"`labeled` must have shape (N, C, H, W), got {tuple(labeled.shape)}.")
-    _check_same_shape("labeled", labeled, "unlabeled", unlabeled)
-    _check_eps(eps, labeled.shape[0])
+    check_same_shape("labeled", labeled, "unlabeled", unlabeled)
+    check_eps(eps, labeled.shape[0])
     eps = eps.to(labeled.dtype)
     return eps * labeled + (1.0 - eps) * unlabeled
 
@@ -123,12 +123,12 @@ def fused_pseudo_labels(y: Tensor, p_other: Tensor, eps: Tensor) -> Tensor:
         - y, p_other: (N, 1, H, W)
         - eps: (N, 1, 1, 1)
     """
-    _check_map("y", y)
-    _check_map("p_other", p_other)
-    _check_same_shape("y", y, "p_other", p_other)
-    _check_eps(eps, y.shape[0])
+    check_map("y", y)
+    check_map("p_other", p_other)
+    check_same_shape("y", y, "p_other", p_other)
+    check_eps(eps, y.shape[0])
     with torch.no_grad():
-        p = _as_float(p_other.detach())
+        p = as_float(p_other.detach())
         e = eps.to(p.dtype)
         return (e * y.to(p.dtype) + (1.0 - e) * p).detach()
 
@@ -154,13 +154,13 @@ def background_mask(y: Tensor, p1: Tensor, p2: Tensor, threshold: float = 0.5) -
         - y, p1, p2: (N, 1, H, W)
         - output: (N, 1, H, W), bool
     """
-    _check_map("y", y)
-    _check_map("p1", p1)
-    _check_map("p2", p2)
-    _check_same_shape("y", y, "p1", p1)
-    _check_same_shape("y", y, "p2", p2)
+    check_map("y", y)
+    check_map("p1", p1)
+    check_map("p2", p2)
+    check_same_shape("y", y, "p1", p1)
+    check_same_shape("y", y, "p2", p2)
     with torch.no_grad():
-        return (y < 0.5) | ((_as_float(p1) + _as_float(p2)) / 2.0 < threshold)
+        return (y < 0.5) | ((as_float(p1) + as_float(p2)) / 2.0 < threshold)
 
 
 def authors_background_mask(y: Tensor, band: int = 1) -> Tensor:
@@ -183,7 +183,7 @@ def authors_background_mask(y: Tensor, band: int = 1) -> Tensor:
         - y: (N, 1, H, W)
         - output: (N, 1, H, W), bool
     """
-    _check_map("y", y)
+    check_map("y", y)
     if band < 0:
         raise ValueError(f"`band` must be >= 0, got {band}.")
     with torch.no_grad():
@@ -259,11 +259,11 @@ def input_gradient(
         )
     if scaler is None or not scaler.is_enabled():
         (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
-        return _as_float(grad)
+        return as_float(grad)
     (scaled_grad,) = torch.autograd.grad(scaler.scale(total), inputs, create_graph=True)
     # scaler.scale of a one gives the current scale as a device tensor: no host synchronisation.
     scale = scaler.scale(torch.ones((), device=total.device, dtype=torch.float32))
-    return _as_float(scaled_grad) / scale
+    return as_float(scaled_grad) / scale
 
 
 def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
@@ -295,7 +295,7 @@ def gradient_penalty(grad: Tensor, background: Tensor) -> Tensor:
         raise ValueError(f"`background` must have shape {(n, 1, h, w)}, got {tuple(background.shape)}.")
     mask = background.expand(n, c, h, w)
     # where (not a product) so that a non-finite value outside the background does not leak in as NaN.
-    total = torch.where(mask, _as_float(grad).abs(), 0.0).sum()
+    total = torch.where(mask, as_float(grad).abs(), 0.0).sum()
     # clamp keeps the empty-background case at exactly 0 / 1 = 0 without a host-side branch.
     count = (background.sum() * c).clamp(min=1).to(total.dtype)
     return total / count

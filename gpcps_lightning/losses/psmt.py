@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpcps_lightning.losses._checks import _as_float, _check_map, _check_ramp, _check_same_shape
+from gpcps_lightning.losses._checks import as_float, check_map, check_ramp, check_same_shape
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 
 __all__ = [
@@ -62,7 +62,7 @@ def cosine_rampup(step: int, rampup_steps: int) -> float:
     Raises:
         ValueError: If ``step`` or ``rampup_steps`` is negative.
     """
-    _check_ramp(step, rampup_steps)
+    check_ramp(step, rampup_steps)
     if rampup_steps == 0 or step >= rampup_steps:
         return 1.0
     return 0.5 * (1.0 - math.cos(math.pi * step / rampup_steps))
@@ -251,11 +251,11 @@ def bernoulli_kl_with_logits(target_logits: Tensor, logits: Tensor) -> Tensor:
     Shape:
         - target_logits, logits: (N, 1, H, W)
     """
-    _check_map("target_logits", target_logits)
-    _check_map("logits", logits)
-    _check_same_shape("target_logits", target_logits, "logits", logits)
-    t = _as_float(target_logits.detach())
-    z = _as_float(logits)
+    check_map("target_logits", target_logits)
+    check_map("logits", logits)
+    check_same_shape("target_logits", target_logits, "logits", logits)
+    t = as_float(target_logits.detach())
+    z = as_float(logits)
     p = torch.sigmoid(t)
     kl = p * (F.logsigmoid(t) - F.logsigmoid(z)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-z))
     return kl.sum() / z.shape[0]
@@ -345,7 +345,7 @@ def vat_perturbation(
     index = list(dict.fromkeys(perturbed))
     device_type = features[0].device.type
     with torch.enable_grad(), torch.autocast(device_type, enabled=False):
-        base = [_as_float(f.detach()) for f in features]
+        base = [as_float(f.detach()) for f in features]
         with torch.no_grad():
             target = decode(base)
         d = [
@@ -384,12 +384,12 @@ def teacher_target(p_teacher1: Tensor, p_teacher2: Tensor, gamma: float = 0.5) -
     Shape:
         - p_teacher1, p_teacher2, output: (N, 1, H, W)
     """
-    _check_map("p_teacher1", p_teacher1)
-    _check_map("p_teacher2", p_teacher2)
-    _check_same_shape("p_teacher1", p_teacher1, "p_teacher2", p_teacher2)
+    check_map("p_teacher1", p_teacher1)
+    check_map("p_teacher2", p_teacher2)
+    check_same_shape("p_teacher1", p_teacher1, "p_teacher2", p_teacher2)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"`gamma` must be in [0, 1], got {gamma}.")
-    return (gamma * _as_float(p_teacher1) + (1.0 - gamma) * _as_float(p_teacher2)).detach()
+    return (gamma * as_float(p_teacher1) + (1.0 - gamma) * as_float(p_teacher2)).detach()
 
 
 def confidence_weighted_ce(student_logits: Tensor, target_probs: Tensor, threshold: float = 0.6) -> Tensor:
@@ -413,16 +413,16 @@ def confidence_weighted_ce(student_logits: Tensor, target_probs: Tensor, thresho
     Shape:
         - student_logits, target_probs: (N, 1, H, W)
     """
-    _check_map("student_logits", student_logits)
-    _check_map("target_probs", target_probs)
-    _check_same_shape("student_logits", student_logits, "target_probs", target_probs)
+    check_map("student_logits", student_logits)
+    check_map("target_probs", target_probs)
+    check_same_shape("student_logits", student_logits, "target_probs", target_probs)
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"`threshold` must be in [0, 1), got {threshold}.")
-    p = _as_float(target_probs.detach())
+    p = as_float(target_probs.detach())
     y = (p >= 0.5).to(p.dtype)
     confidence = torch.maximum(p, 1.0 - p)
     keep = (confidence >= threshold).to(p.dtype)
-    bce = F.binary_cross_entropy_with_logits(_as_float(student_logits), y, reduction="none")
+    bce = F.binary_cross_entropy_with_logits(as_float(student_logits), y, reduction="none")
     # sum / count instead of boolean indexing: no host synchronisation, and 0 when nothing passes
     return (bce * confidence * keep).sum() / keep.sum().clamp_min(1.0)
 

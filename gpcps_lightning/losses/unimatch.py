@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpcps_lightning.losses._checks import _as_float, _check_map, _check_same_shape
+from gpcps_lightning.losses._checks import as_float, check_map, check_same_shape
 from gpcps_lightning.losses.baselines import hard_pseudo_labels
 from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
 
@@ -125,7 +125,7 @@ def apply_cutmix(inputs: Tensor, partner: Tensor, box: Tensor) -> Tensor:
         - inputs, partner: (N, C, H, W)
         - box: (N, 1, H, W)
     """
-    _check_same_shape("inputs", inputs, "partner", partner)
+    check_same_shape("inputs", inputs, "partner", partner)
     n, _, h, w = inputs.shape
     if box.shape != (n, 1, h, w):
         raise ValueError(f"`box` must have shape {(n, 1, h, w)}, got {tuple(box.shape)}.")
@@ -183,17 +183,17 @@ def two_class_dice_loss(
     Shape:
         - probs, target, valid: (N, 1, H, W)
     """
-    _check_map("probs", probs)
-    _check_map("target", target)
-    _check_same_shape("probs", probs, "target", target)
+    check_map("probs", probs)
+    check_map("target", target)
+    check_same_shape("probs", probs, "target", target)
     if smooth <= 0:
         raise ValueError(f"`smooth` must be positive, got {smooth}.")
-    p = _as_float(probs)
-    t = _as_float(target).to(p.dtype)
+    p = as_float(probs)
+    t = as_float(target).to(p.dtype)
     v = torch.ones_like(p) if valid is None else valid
     if valid is not None:
-        _check_map("valid", valid)
-        _check_same_shape("probs", probs, "valid", valid)
+        check_map("valid", valid)
+        check_same_shape("probs", probs, "valid", valid)
         v = valid.detach().to(p.dtype)
 
     def dice(q: Tensor, u: Tensor) -> Tensor:
@@ -278,11 +278,11 @@ def unimatch_objective(
     if supervised == "dice":
         sup = dice_loss_function(dice)(torch.sigmoid(logits_labeled), y)
     elif supervised == "ce_dice":
-        _check_map("logits_labeled", logits_labeled)
-        _check_map("y", y)
-        _check_same_shape("logits_labeled", logits_labeled, "y", y)
-        z = _as_float(logits_labeled)
-        t = _as_float(y).to(z.dtype)
+        check_map("logits_labeled", logits_labeled)
+        check_map("y", y)
+        check_same_shape("logits_labeled", logits_labeled, "y", y)
+        z = as_float(logits_labeled)
+        t = as_float(y).to(z.dtype)
         sup = (F.binary_cross_entropy_with_logits(z, t) + two_class_dice_loss(torch.sigmoid(z), t)) / 2.0
     else:
         raise ValueError(f"`supervised` must be 'dice' or 'ce_dice', got {supervised!r}.")
@@ -292,13 +292,13 @@ def unimatch_objective(
         ("logits_strong2", logits_strong2),
         ("logits_fp", logits_fp),
     ):
-        _check_map(name, logits)
-        _check_same_shape("logits_weak", logits_weak, name, logits)
+        check_map(name, logits)
+        check_same_shape("logits_weak", logits_weak, name, logits)
     labels_w, conf_w = pseudo_labels_and_confidence(logits_weak)
     labels_p, conf_p = pseudo_labels_and_confidence(logits_partner)
 
     def term(logits: Tensor, labels: Tensor, confidence: Tensor) -> Tensor:
-        return two_class_dice_loss(torch.sigmoid(_as_float(logits)), labels, confidence >= conf_thresh)
+        return two_class_dice_loss(torch.sigmoid(as_float(logits)), labels, confidence >= conf_thresh)
 
     s1 = term(logits_strong1, apply_cutmix(labels_w, labels_p, box1), apply_cutmix(conf_w, conf_p, box1))
     s2 = term(logits_strong2, apply_cutmix(labels_w, labels_p, box2), apply_cutmix(conf_w, conf_p, box2))

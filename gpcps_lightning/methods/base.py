@@ -39,14 +39,17 @@ from gpcps_lightning.checkpointing import (
 from gpcps_lightning.methods.step import ManualStepModule
 from gpcps_lightning.networks import build_network, skip_pretrained_weights
 
-__all__ = ["SegmentationModule", "TwoNetworkModule", "check_seeds"]
+__all__ = ["SegmentationModule", "TwoNetworkModule", "check_seeds", "segmentation_metrics"]
 
 Stage = Literal["val", "test"]
 
 
-def _segmentation_metrics() -> MetricCollection:
-    # Per-image ("samplewise") Dice and IoU at threshold 0.5, averaged over images: the polyp
-    # literature's mDice / mIoU. Images whose prediction and mask are both empty are left out.
+def segmentation_metrics() -> MetricCollection:
+    """The evaluation metrics, ``dice`` and ``iou``, that validation, test and ``gpcps evaluate`` report.
+
+    Per-image ("samplewise") Dice and IoU at threshold 0.5, averaged over images: the polyp literature's
+    mDice / mIoU. Images whose prediction and mask are both empty are left out.
+    """
     return MetricCollection(
         {
             "dice": DiceScore(
@@ -189,7 +192,7 @@ class SegmentationModule(ManualStepModule):
         # Counters of dropped steps, saved in checkpoints with the weights.
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("fp16_skipped_steps", torch.zeros((), dtype=torch.long))
-        metrics = _segmentation_metrics()
+        metrics = segmentation_metrics()
         self.val_metrics = nn.ModuleDict(
             {h: metrics.clone(prefix="val/", postfix=f"_{h}") for h in self.head_names}
         )

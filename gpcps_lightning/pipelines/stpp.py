@@ -53,13 +53,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from gpcps_lightning._utils import atomic_path, import_object
+from gpcps_lightning._utils import atomic_path, import_object, sha256_file
 from gpcps_lightning._version import __version__
 from gpcps_lightning.callbacks.checkpoint import BestCheckpoint
 from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.data.datamodule import SemiSupervisedDataModule
 from gpcps_lightning.data.datasets import ImageDataset, ImageMaskPair, collate_prediction
-from gpcps_lightning.data.io import _preview
+from gpcps_lightning.data.io import preview_names
 from gpcps_lightning.data.pseudo import PseudoLabelDataModule
 from gpcps_lightning.data.splits import DataSplit
 from gpcps_lightning.data.transforms import StrongAugmentation, normalize
@@ -253,7 +253,7 @@ class STPPOptions:
     def settings(self) -> dict[str, Any]:
         """The options as flat ``stpp.<name>`` settings (JSON-compatible; the strong augmentation resolved).
 
-        For a run record's settings, next to :func:`gpcps_lightning.provenance.run_settings`.
+        For a run record's settings, next to :func:`gpcps_lightning.tools.provenance.run_settings`.
         """
         values = jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         values["strong_augmentation"] = self.strong_augmentation_args()
@@ -407,14 +407,6 @@ class STPPResult:
 
 
 # ============================================================================ manifests
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _show(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else f"{text[:60]}…"
@@ -470,7 +462,7 @@ class _Stage:
             return "started"
         for rel, digest in (manifest.get("artefacts") or {}).items():
             path = self.dir / rel
-            if not path.is_file() or _sha256(path) != digest:
+            if not path.is_file() or sha256_file(path) != digest:
                 raise ValueError(
                     f"ST++ stage {self.name!r}: its artefact {path} is missing or was changed after the "
                     f"stage finished. Delete {self.dir} and the stages after it to redo them."
@@ -502,7 +494,7 @@ class _Stage:
         outputs: Mapping[str, Any],
         seconds: float,
     ) -> None:
-        hashes = {p.relative_to(self.dir).as_posix(): _sha256(p) for p in sorted(artefacts)}
+        hashes = {p.relative_to(self.dir).as_posix(): sha256_file(p) for p in sorted(artefacts)}
         content = {
             "schema": _MANIFEST_SCHEMA,
             "stage": self.name,
@@ -695,7 +687,7 @@ def _unlabeled_images(split: DataSplit) -> dict[str, Path]:
     if repeated:
         raise ValueError(
             f"ST++ names each pseudo-label after its unlabeled image, but several unlabeled images share a "
-            f"name: {_preview(repeated)}. Rename them (the names must be unique)."
+            f"name: {preview_names(repeated)}. Rename them (the names must be unique)."
         )
     return dict(zip(names, split.unlabeled, strict=True))
 
@@ -729,7 +721,8 @@ def _write_training_folder(
     if repeated:
         raise ValueError(
             "ST++ puts the labeled, pseudo-labelled, validation and test pairs in one folder, but some names "
-            f"occur in more than one of them: {_preview(repeated)}. The names must be unique across the sets."
+            f"occur in more than one of them: {preview_names(repeated)}. The names must be unique across the "
+            "sets."
         )
     for pair in pairs:
         _link(pair.image, folder / "images" / f"{pair.name}{pair.image.suffix}")

@@ -31,7 +31,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from gpcps_lightning._utils import code_version, public_class_path
+from gpcps_lightning._utils import code_version, public_class_path, sha256_file
 
 __all__ = [
     "FRACTION_KEYS",
@@ -42,7 +42,6 @@ __all__ = [
     "TABLE2_ROWS",
     "MethodConfig",
     "code_version",
-    "file_sha256",
     "library_versions",
     "load_method_config",
     "public_class_path",
@@ -293,11 +292,6 @@ def resolved_init_args(obj: Any) -> dict[str, Any]:
     return jsonable(args)
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def split_files(datamodule: Any) -> dict[str, Path]:
     """The split files a datamodule reads, by role (``train``, ``val``, ``test``, ``labeled``).
 
@@ -352,7 +346,7 @@ def run_settings(
     settings.update({f"data.{k}": v for k, v in resolved_init_args(datamodule).items()})
     augmentation = getattr(datamodule, "augmentation", None)
     settings["data.augmentation"] = None if augmentation is None else repr(augmentation)
-    settings.update({f"split.{role}": file_sha256(p) for role, p in split_files(datamodule).items()})
+    settings.update({f"split.{role}": sha256_file(p) for role, p in split_files(datamodule).items()})
     settings["trainer.max_steps"] = int(max_steps)
     settings["trainer.val_every"] = int(val_every)
     settings["trainer.precision"] = _PRECISION_ALIASES.get(str(precision), str(precision))

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpcps_lightning._utils import atomic_path, import_object
+from gpcps_lightning._utils import atomic_path, import_object, sha256_file
 from gpcps_lightning.tools.provenance import (
     METHOD_ALIASES,
     MethodConfig,
     code_version,
-    file_sha256,
     library_versions,
     load_method_config,
     resolved_init_args,
@@ -326,7 +325,7 @@ def run_one(
         )
     if validation_only and _external_folders(args):
         raise ValueError(
-            "--external scores the test-time checkpoint on other data; a --validation-only run "
+            "--external scores the selected checkpoint on other data; a --validation-only run "
             "reads no data but its validation split: drop one of the two options."
         )
     if finished is not None:
@@ -414,7 +413,7 @@ def run_one(
             "accelerator": type(trainer.accelerator).__name__,
         },
         "split_files": {
-            role: {"file": path.name, "sha256": file_sha256(path)}
+            role: {"file": path.name, "sha256": sha256_file(path)}
             for role, path in split_files(datamodule).items()
         },
         "code": code,

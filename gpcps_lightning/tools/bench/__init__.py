@@ -16,18 +16,12 @@ are comparable; docs/performance.md describes what is measured and how. The modu
 
 from __future__ import annotations
 
-# ``_name as _name``: private names that tests reach through this package and the deprecated
-# gpcps_lightning.bench.
 from gpcps_lightning.tools.bench.batches import make_batches
 from gpcps_lightning.tools.bench.cli import main
 from gpcps_lightning.tools.bench.config import ALL_KINDS, METHOD_KINDS, STEP_KINDS, BenchConfig
-from gpcps_lightning.tools.bench.lightning_kinds import _lightning_module as _lightning_module
 from gpcps_lightning.tools.bench.measure import KindResult, count_step_flops
-from gpcps_lightning.tools.bench.measure import _finish as _finish
-from gpcps_lightning.tools.bench.plain import _PlainGPCPS as _PlainGPCPS
 from gpcps_lightning.tools.bench.profiling import profile_step
 from gpcps_lightning.tools.bench.report import BenchReport, format_report
-from gpcps_lightning.tools.bench.runner import _run_kind_isolated as _run_kind_isolated
 from gpcps_lightning.tools.bench.runner import run_benchmark, run_kind
 
 __all__ = [

@@ -50,7 +50,7 @@ def make_batches(config: BenchConfig, count: int = 2) -> list[SemiSupervisedBatc
     return batches
 
 
-class _CycleDataset(Dataset):
+class CycleDataset(Dataset):
     """``length`` items cycling through pre-made batches (yielded as they are with ``batch_size=None``)."""
 
     def __init__(self, batches: Sequence[SemiSupervisedBatch], length: int) -> None:
@@ -63,5 +63,6 @@ class _CycleDataset(Dataset):
         return self.batches[index % len(self.batches)]
 
 
-def _identity(item: Any) -> Any:
+def identity(item: Any) -> Any:
+    """The collate function of :class:`CycleDataset`'s loader: each item is a whole batch already."""
     return item

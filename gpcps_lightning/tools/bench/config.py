@@ -30,10 +30,10 @@ _PRECISIONS = {
     "16-mixed": "16",
 }
 # The hyperparameters of the step (GPCPSModule's defaults, METHOD.md), shared by the plain loop.
-_LAMBDA_GRAD = 1e-3
-_LAMBDA_SEMI = 1.0
-_ADAM = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8}
-_SEEDS = (1, 2)
+LAMBDA_GRAD = 1e-3
+LAMBDA_SEMI = 1.0
+ADAM = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8}
+SEEDS = (1, 2)
 
 
 @dataclass(frozen=True)

@@ -19,23 +19,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.methods.base import SegmentationModule
 from gpcps_lightning.methods.gpcps import GPCPSModule
-from gpcps_lightning.tools.bench.batches import _CycleDataset, _identity
+from gpcps_lightning.tools.bench.batches import CycleDataset, identity
 from gpcps_lightning.tools.bench.config import (
-    _LAMBDA_GRAD,
-    _LAMBDA_SEMI,
-    _SEEDS,
     ALL_KINDS,
+    LAMBDA_GRAD,
+    LAMBDA_SEMI,
     METHOD_KINDS,
+    SEEDS,
     BenchConfig,
 )
 from gpcps_lightning.tools.bench.measure import (
     KindResult,
-    _finish,
-    _flop_counter,
-    _memory_start,
-    _n_flop_steps,
-    _n_timed_steps,
-    _synchronize,
+    flop_counter,
+    kind_result,
+    memory_start,
+    n_flop_steps,
+    n_timed_steps,
+    synchronize,
 )
 
 _LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -45,11 +45,11 @@ def _module_kwargs(kind: str, config: BenchConfig) -> dict[str, Any]:
     if kind == "supervised":
         return {"lambda_grad": 0.0, "lambda_semi": 0.0}
     if kind == "cps":
-        return {"lambda_grad": 0.0, "lambda_semi": _LAMBDA_SEMI}
+        return {"lambda_grad": 0.0, "lambda_semi": LAMBDA_SEMI}
     if kind == "gpcps":
-        return {"lambda_grad": _LAMBDA_GRAD, "lambda_semi": _LAMBDA_SEMI}
+        return {"lambda_grad": LAMBDA_GRAD, "lambda_semi": LAMBDA_SEMI}
     if kind == "gpcps_lazy":
-        return {"lambda_grad": _LAMBDA_GRAD, "lambda_semi": _LAMBDA_SEMI, "gp_every_n_steps": config.lazy_k}
+        return {"lambda_grad": LAMBDA_GRAD, "lambda_semi": LAMBDA_SEMI, "gp_every_n_steps": config.lazy_k}
     raise ValueError(f"Unknown step kind {kind!r}; choose from {', '.join(ALL_KINDS)}.")
 
 
@@ -65,16 +65,16 @@ class _StepRecorder(Callback):
         self._counter: FlopCounterMode | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _synchronize(self.device)
-        self.memory_before = _memory_start(self.device)
+        synchronize(self.device)
+        self.memory_before = memory_start(self.device)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        _synchronize(self.device)
+        synchronize(self.device)
         self.starts.append(time.perf_counter())
         if len(self.starts) <= self.n_flop_steps:
-            self._counter = _flop_counter()
+            self._counter = flop_counter()
             self._counter.__enter__()
 
     def on_train_batch_end(
@@ -86,7 +86,8 @@ class _StepRecorder(Callback):
             self._counter = None
 
 
-def _trainer(config: BenchConfig, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+def make_trainer(config: BenchConfig, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+    """A bare Trainer for ``max_steps`` training steps: no logger, checkpoints, validation or progress bar."""
     device = config.torch_device
     return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -114,32 +115,34 @@ def _method_module(kind: str, config: BenchConfig) -> SegmentationModule:
         "psmt": gpcps_lightning.PSMTModule,
         "unimatch": gpcps_lightning.UniMatchModule,
     }[kind]
-    args: dict[str, Any] = {"seeds": _SEEDS} if kind == "gct" else {"network_seed": _SEEDS[0]}
+    args: dict[str, Any] = {"seeds": SEEDS} if kind == "gct" else {"network_seed": SEEDS[0]}
     if kind == "psmt":
         args["warmup_steps"] = 0  # time PS-MT's own step, not its supervised warm-up
     return cls(**args, **config.network_args())
 
 
-def _lightning_module(kind: str, config: BenchConfig) -> SegmentationModule:
+def lightning_module(kind: str, config: BenchConfig) -> SegmentationModule:
+    """The module a Lightning step kind trains (GP-CPS with the kind's settings, or another method's)."""
     if kind in METHOD_KINDS:
         module = _method_module(kind, config)
     else:
-        module = GPCPSModule(seeds=_SEEDS, **_module_kwargs(kind, config), **config.network_args())
+        module = GPCPSModule(seeds=SEEDS, **_module_kwargs(kind, config), **config.network_args())
     if config.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
 
 
-def _run_lightning(kind: str, config: BenchConfig, batches: Sequence[SemiSupervisedBatch]) -> KindResult:
-    n_flop = _n_flop_steps(kind, config)
-    total = n_flop + config.warmup + _n_timed_steps(kind, config) + 1  # the last step only closes the timing
+def run_lightning(kind: str, config: BenchConfig, batches: Sequence[SemiSupervisedBatch]) -> KindResult:
+    """Time a Lightning step kind in a real Trainer on ``batches``, cycled."""
+    n_flop = n_flop_steps(kind, config)
+    total = n_flop + config.warmup + n_timed_steps(kind, config) + 1  # the last step only closes the timing
     recorder = _StepRecorder(config.torch_device, n_flop)
-    trainer = _trainer(config, total, [recorder])
-    loader = DataLoader(_CycleDataset(batches, total), batch_size=None, collate_fn=_identity)
-    trainer.fit(_lightning_module(kind, config), train_dataloaders=loader)
+    trainer = make_trainer(config, total, [recorder])
+    loader = DataLoader(CycleDataset(batches, total), batch_size=None, collate_fn=identity)
+    trainer.fit(lightning_module(kind, config), train_dataloaders=loader)
     losses = {
         name.removeprefix("train/"): float(value)
         for name, value in trainer.callback_metrics.items()
         if name.startswith("train/")
     }
-    return _finish(kind, config, recorder.starts, recorder.flops, recorder.memory_before, losses)
+    return kind_result(kind, config, recorder.starts, recorder.flops, recorder.memory_before, losses)

@@ -53,7 +53,8 @@ class KindResult:
     no_penalty_step_s: float | None = None
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock reading includes it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -105,7 +106,8 @@ class _GlobalOnlyTracker:
         return None
 
 
-def _flop_counter() -> FlopCounterMode:
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that counts the global total only (see :class:`_GlobalOnlyTracker`)."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnlyTracker()  # type: ignore[assignment]
     return counter
@@ -122,13 +124,13 @@ def count_step_flops(step: Callable[[], object]) -> int:
     Returns:
         The total FLOP count.
     """
-    counter = _flop_counter()
+    counter = flop_counter()
     with counter:
         step()
     return int(counter.get_total_flops())
 
 
-def _memory_start(device: torch.device) -> int | None:
+def memory_start(device: torch.device) -> int | None:
     """Reset the CUDA peak (model, optimizer and data stay counted) and return the current figure."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -137,7 +139,7 @@ def _memory_start(device: torch.device) -> int | None:
 
 
 def _memory_peak(device: torch.device, memory_before: int | None) -> tuple[int | None, str]:
-    """The peak since :func:`_memory_start` and the name of its measure, at least ``memory_before``.
+    """The peak since :func:`memory_start` and the name of its measure, at least ``memory_before``.
 
     On the CPU the peak (VmHWM) and the reading before the steps (VmRSS) are different kernel figures:
     Linux records its high-water mark only at some events (such as unmapping memory) and reports the larger
@@ -148,7 +150,7 @@ def _memory_peak(device: torch.device, memory_before: int | None) -> tuple[int |
 
     Args:
         device: The device the steps ran on.
-        memory_before: What :func:`_memory_start` returned, or ``None`` where it could not say.
+        memory_before: What :func:`memory_start` returned, or ``None`` where it could not say.
 
     Returns:
         The peak in bytes (``None`` where the platform does not say) and the measure's name.
@@ -163,18 +165,20 @@ def _memory_peak(device: torch.device, memory_before: int | None) -> tuple[int |
     return peak, measure
 
 
-def _n_flop_steps(kind: str, config: BenchConfig) -> int:
+def n_flop_steps(kind: str, config: BenchConfig) -> int:
+    """How many first steps of ``kind`` count FLOPs (before the warm-up)."""
     # The lazy kind counts one step with the penalty (step 0) and one without (step 1) and amortizes.
     return 2 if kind == "gpcps_lazy" and config.lazy_k > 1 else 1
 
 
-def _n_timed_steps(kind: str, config: BenchConfig) -> int:
+def n_timed_steps(kind: str, config: BenchConfig) -> int:
+    """How many steps of ``kind`` are timed: ``config.steps``, whole lazy windows for ``gpcps_lazy``."""
     if kind == "gpcps_lazy":
         return math.ceil(config.steps / config.lazy_k) * config.lazy_k
     return config.steps
 
 
-def _finish(
+def kind_result(
     kind: str,
     config: BenchConfig,
     starts: Sequence[float],
@@ -183,8 +187,8 @@ def _finish(
     losses: dict[str, float],
 ) -> KindResult:
     """Turn batch start times (one more than the steps) and FLOP counts into a :class:`KindResult`."""
-    first = _n_flop_steps(kind, config) + config.warmup
-    timed = _n_timed_steps(kind, config)
+    first = n_flop_steps(kind, config) + config.warmup
+    timed = n_timed_steps(kind, config)
     times = [starts[i + 1] - starts[i] for i in range(first, first + timed)]
     penalty_s: float | None = None
     no_penalty_s: float | None = None

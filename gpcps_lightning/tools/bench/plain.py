@@ -24,19 +24,19 @@ from gpcps_lightning.losses.gpcps import (
     sample_eps,
 )
 from gpcps_lightning.networks import build_network
-from gpcps_lightning.tools.bench.config import _ADAM, _LAMBDA_GRAD, _LAMBDA_SEMI, _SEEDS, BenchConfig
+from gpcps_lightning.tools.bench.config import ADAM, LAMBDA_GRAD, LAMBDA_SEMI, SEEDS, BenchConfig
 from gpcps_lightning.tools.bench.measure import (
     KindResult,
-    _finish,
-    _memory_start,
-    _synchronize,
     count_step_flops,
+    kind_result,
+    memory_start,
+    synchronize,
 )
 
 _AUTOCAST_DTYPE = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
-class _PlainGPCPS:
+class PlainGPCPS:
     """GP-CPS written the straightforward way: two networks, two Adams, the pure loss functions.
 
     With ``penalty=False`` it is the CPS step (``L_sup + L_semi``), used for the profile's phase timing.
@@ -48,23 +48,23 @@ class _PlainGPCPS:
         self.penalty = penalty
         fmt = torch.channels_last if config.channels_last else torch.contiguous_format
         self.net1 = (
-            build_network(seed=_SEEDS[0], **config.network_args()).to(self.device).to(memory_format=fmt)
+            build_network(seed=SEEDS[0], **config.network_args()).to(self.device).to(memory_format=fmt)
         )
         self.net2 = (
-            build_network(seed=_SEEDS[1], **config.network_args()).to(self.device).to(memory_format=fmt)
+            build_network(seed=SEEDS[1], **config.network_args()).to(self.device).to(memory_format=fmt)
         )
         self.net1.train()
         self.net2.train()
         fused = True if config.plain_fused_adam else None
-        self.opt1 = torch.optim.Adam(self.net1.parameters(), **_ADAM, fused=fused)  # type: ignore[arg-type]
-        self.opt2 = torch.optim.Adam(self.net2.parameters(), **_ADAM, fused=fused)  # type: ignore[arg-type]
+        self.opt1 = torch.optim.Adam(self.net1.parameters(), **ADAM, fused=fused)  # type: ignore[arg-type]
+        self.opt2 = torch.optim.Adam(self.net2.parameters(), **ADAM, fused=fused)  # type: ignore[arg-type]
         self.dtype = _AUTOCAST_DTYPE[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "16" else None
 
     def _mark(self, phase_times: dict[str, list[float]] | None, name: str, since: float) -> float:
         if phase_times is None:
             return since
-        _synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         phase_times.setdefault(name, []).append(now - since)
         return now
@@ -102,8 +102,8 @@ class _PlainGPCPS:
                 p2,
                 eps,
                 input_grad=grad,
-                lambda_semi=_LAMBDA_SEMI,
-                lambda_grad=_LAMBDA_GRAD if self.penalty else 0.0,
+                lambda_semi=LAMBDA_SEMI,
+                lambda_grad=LAMBDA_GRAD if self.penalty else 0.0,
             )
             t = self._mark(phase_times, "losses", t)
         self.opt1.zero_grad(set_to_none=True)
@@ -128,21 +128,22 @@ class _PlainGPCPS:
         }
 
 
-def _run_plain(config: BenchConfig, batches: Sequence[SemiSupervisedBatch]) -> KindResult:
+def run_plain(config: BenchConfig, batches: Sequence[SemiSupervisedBatch]) -> KindResult:
+    """Time the ``plain`` kind: :class:`PlainGPCPS` on ``batches``, cycled."""
     device = config.torch_device
-    loop = _PlainGPCPS(config)
-    memory_before = _memory_start(device)
+    loop = PlainGPCPS(config)
+    memory_before = memory_start(device)
     total = 1 + config.warmup + config.steps + 1
     starts: list[float] = []
     flops: list[int] = []
     out: dict[str, Tensor] = {}
     for i in range(total):
         batch = batches[i % len(batches)]
-        _synchronize(device)
+        synchronize(device)
         starts.append(time.perf_counter())
         if i == 0:
             flops.append(count_step_flops(functools.partial(loop.step, batch)))
         else:
             out = loop.step(batch)
     losses = {name: float(value) for name, value in out.items()}
-    return _finish("plain", config, starts, flops, memory_before, losses)
+    return kind_result("plain", config, starts, flops, memory_before, losses)

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from gpcps_lightning.tools.bench.batches import _CycleDataset, _identity, make_batches
+from gpcps_lightning.tools.bench.batches import CycleDataset, identity, make_batches
 from gpcps_lightning.tools.bench.config import STEP_KINDS, BenchConfig
-from gpcps_lightning.tools.bench.lightning_kinds import _lightning_module, _trainer
-from gpcps_lightning.tools.bench.plain import _PlainGPCPS
+from gpcps_lightning.tools.bench.lightning_kinds import lightning_module, make_trainer
+from gpcps_lightning.tools.bench.plain import PlainGPCPS
 
 __all__ = ["profile_step"]
 
@@ -76,11 +76,11 @@ def profile_step(
     batches = make_batches(config)
     window = _ProfileWindow(config.warmup + 1, steps, activities)
     total = config.warmup + 1 + steps + 1
-    trainer = _trainer(config, total, [window])
-    loader = DataLoader(_CycleDataset(batches, total), batch_size=None, collate_fn=_identity)
+    trainer = make_trainer(config, total, [window])
+    loader = DataLoader(CycleDataset(batches, total), batch_size=None, collate_fn=identity)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_lightning_module(kind, config), train_dataloaders=loader)
+        trainer.fit(lightning_module(kind, config), train_dataloaders=loader)
     if window.profiler is None:
         raise RuntimeError("The profiler did not start; the Trainer ran fewer steps than expected.")
     averages = window.profiler.key_averages()
@@ -97,7 +97,7 @@ def profile_step(
 
     phases: dict[str, Any] = {}
     for name, penalty in (("cps", False), ("gpcps", True)):
-        loop = _PlainGPCPS(config, penalty=penalty)
+        loop = PlainGPCPS(config, penalty=penalty)
         times: dict[str, list[float]] = {}
         for i in range(config.warmup + config.steps):
             loop.step(batches[i % len(batches)], phase_times=times if i >= config.warmup else None)

@@ -46,7 +46,7 @@ def _ratio(rounds: list[dict[str, KindResult]], num: str, den: str) -> dict[str,
     return {"median": statistics.median(per_round), "per_round": per_round, "of_min_steps": of_min}
 
 
-def _make_report(
+def make_report(
     config: BenchConfig,
     kinds: Sequence[str],
     all_rounds: list[dict[str, KindResult]],

@@ -22,10 +22,10 @@ import torch
 from gpcps_lightning._utils import code_version
 from gpcps_lightning.tools.bench.batches import make_batches
 from gpcps_lightning.tools.bench.config import ALL_KINDS, STEP_KINDS, BenchConfig
-from gpcps_lightning.tools.bench.lightning_kinds import _run_lightning
+from gpcps_lightning.tools.bench.lightning_kinds import run_lightning
 from gpcps_lightning.tools.bench.measure import KindResult
-from gpcps_lightning.tools.bench.plain import _run_plain
-from gpcps_lightning.tools.bench.report import BenchReport, _make_report
+from gpcps_lightning.tools.bench.plain import run_plain
+from gpcps_lightning.tools.bench.report import BenchReport, make_report
 
 __all__ = ["run_benchmark", "run_kind"]
 
@@ -56,8 +56,8 @@ def run_kind(kind: str, config: BenchConfig) -> KindResult:
             # Lightning's advice about dataloader workers and the like does not apply to on-device data.
             warnings.simplefilter("ignore")
             if kind == "plain":
-                return _run_plain(config, batches)
-            return _run_lightning(kind, config, batches)
+                return run_plain(config, batches)
+            return run_lightning(kind, config, batches)
     finally:
         del batches
         gc.collect()
@@ -179,4 +179,4 @@ def run_benchmark(
                 progress(f"round {r + 1}/{rounds} {kind}: {1e3 * results[kind].median_step_s:.1f} ms/step")
         all_rounds.append(results)
     environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return _make_report(config, kinds, all_rounds, environment, command)
+    return make_report(config, kinds, all_rounds, environment, command)
