@@ -1,22 +1,24 @@
 """Small helpers the rest of the package shares; nothing here imports the package itself.
 
 - :func:`atomic_path`: write a file so that a crash never leaves half of it.
-- :func:`import_object`: the object named by a dotted path such as ``gpcps_lightning.GPCPSModule``;
-  :func:`moved_attribute` serves the deprecated aliases left at a moved module's old path.
+- :func:`import_object`: the object named by a dotted path such as ``gpcps_lightning.GPCPSModule``.
+- :func:`public_class_path`: the stable name records and checkpoints give a class (legacy paths included).
+- :func:`sha256_file`: the hex SHA-256 of a file, read in chunks.
 - :func:`code_version`: the git commit of the loaded code, stamped ``-dirty`` when it has changes.
 - :func:`size_pair`: an ``int`` or ``(height, width)`` size as a checked ``(height, width)`` pair.
 - :func:`resize_to_original_sizes`: probabilities at the training size back at each image's own size.
+- :func:`traceback_requested`: whether the commands should show tracebacks (``GPCPS_TRACEBACK=1``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import subprocess
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,27 @@ __all__ = [
     "atomic_path",
     "code_version",
     "import_object",
-    "moved_attribute",
     "public_class_path",
     "resize_to_original_sizes",
+    "sha256_file",
     "size_pair",
+    "traceback_requested",
 ]
+
+#: Environment variable that makes the ``gpcps`` commands show the traceback of the errors they report.
+TRACEBACK_ENV = "GPCPS_TRACEBACK"
+
+
+def traceback_requested() -> bool:
+    """Whether ``GPCPS_TRACEBACK`` asks the commands for full tracebacks.
+
+    The ``gpcps`` commands print the library's own errors (a bad file, option or checkpoint) as their
+    message alone; with ``GPCPS_TRACEBACK=1`` (or ``gpcps --traceback``) they let the exception through.
+
+    Returns:
+        ``True`` when ``GPCPS_TRACEBACK`` is set to anything but ``""``, ``0``, ``false`` or ``no``.
+    """
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 # --------------------------------------------------------------------------- files
@@ -65,6 +83,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time.
+
+    Args:
+        path: The file.
+        chunk: Bytes read at a time (the digest does not depend on it).
+
+    Returns:
+        The 64-character lower-case hex digest, as ``sha256sum`` prints it.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- imports
@@ -101,29 +136,6 @@ def import_object(path: str) -> Any:
     raise ImportError(f"cannot import {path!r}: module {module_name!r} has no attribute {name!r}")
 
 
-def moved_attribute(old_module: str, new_module: str, name: str) -> Any:
-    """``new_module.name`` for the module ``__getattr__`` of ``old_module``, with a ``DeprecationWarning``.
-
-    Args:
-        old_module: The old import path, e.g. ``"gpcps_lightning.inference.predict"``.
-        new_module: Where its contents live now.
-        name: The attribute asked for.
-
-    Returns:
-        The attribute of ``new_module``.
-
-    Raises:
-        AttributeError: If ``new_module`` has no such attribute (or ``name`` is a dunder name).
-    """
-    module = importlib.import_module(new_module)
-    if name.startswith("__") or not hasattr(module, name):
-        raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
-    warnings.warn(
-        f"{old_module} is deprecated; import {name} from {new_module}.", DeprecationWarning, stacklevel=3
-    )
-    return getattr(module, name)
-
-
 def public_class_path(path: str) -> str:
     """The stable name of a class path: ``gpcps_lightning.<Name>`` for a class the package exports.
 
@@ -131,6 +143,8 @@ def public_class_path(path: str) -> str:
     stay comparable when the code moves: the legacy ``gpcps_lightning.module.GPCPSModule`` and
     ``gpcps_lightning.baselines.CPSModule``, the ``gpcps_lightning.methods.*`` modules and
     ``gpcps_lightning.data.*`` all map to ``gpcps_lightning.<Name>``. Other paths are returned unchanged.
+    The mapping reads the path as a string and imports nothing, so the legacy modules, which no longer
+    exist, are not needed for old records and checkpoint stamps.
 
     Args:
         path: A dotted class path, as records store it.

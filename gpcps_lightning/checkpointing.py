@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import random
+import re
 import zipfile
 from collections.abc import Callable
 from typing import Any, cast
@@ -146,10 +147,36 @@ def _describe_load_error(path: str, err: BaseException) -> str:
             "loaded with weights_only=True. Load it with weights_only=False only if you trust where it "
             "came from."
         )
+    reason = text.splitlines()[0] if text else ""
+    if "Weights only load failed" in text:
+        # PyTorch's advice to load with weights_only=False is wrong for a damaged file: keep its finding.
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.DOTALL)
+        reason = " ".join(found.group(1).split()) if found else "unreadable pickle data"
     return (
-        f"Checkpoint {path} cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}). "
+        f"Checkpoint {path} cannot be read ({type(err).__name__}: {reason}). "
         "The file is truncated or corrupted (an interrupted copy or download?) or is not a PyTorch "
         "checkpoint. Use another checkpoint (e.g. last.ckpt or the best one) or copy it again."
+    )
+
+
+#: How files written by ``torch.save`` begin: a zip archive (the format since PyTorch 1.6) or a pickle
+#: (protocol 2 or later, the legacy format).
+_TORCH_FILE_STARTS = (b"PK", b"\x80")
+
+
+def _not_a_torch_file(path: str, head: bytes) -> str | None:
+    """The error message for a file that ``torch.save`` cannot have written, judged by its first bytes."""
+    if not head or head.startswith(_TORCH_FILE_STARTS):
+        return None  # an empty file is a truncated copy: the general message says so
+    text = head.decode("utf-8", "replace").rstrip("\ufffd")  # the 64 bytes may cut a character
+    if text.strip() and all(c.isprintable() or c in "\t\r\n" for c in text) and "\ufffd" not in text:
+        start = f"the text {text.strip().splitlines()[0][:24]!r} (a text file?)"
+    else:
+        start = f"the bytes {head[:8]!r}"
+    return (
+        f"Checkpoint {path} cannot be read: it is not a PyTorch checkpoint, which torch.save writes as a "
+        f"zip archive (or a pickle), but starts with {start}. Pass the .ckpt file that a training run "
+        "wrote, e.g. runs/<name>/checkpoints/best.ckpt."
     )
 
 
@@ -179,14 +206,31 @@ def read_checkpoint(
     """
     name = "<in-memory checkpoint>" if isinstance(path, io.BytesIO) else str(path)
     if not isinstance(path, io.BytesIO) and not get_filesystem(str(path)).exists(str(path)):
-        raise FileNotFoundError(f"Checkpoint file not found: {name}. Check the path (and --ckpt_path).")
+        raise FileNotFoundError(f"Checkpoint file not found: {name}. Check the path.")
     try:
         if isinstance(path, io.BytesIO):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+            start = path.tell()
+            head = path.read(64)
+            path.seek(start)
+            problem = _not_a_torch_file(name, head)
+            if problem is None:
+                checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
         else:
             with get_filesystem(str(path)).open(str(path), "rb") as f:
-                checkpoint = torch.load(f, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+                head = f.read(64)
+                problem = _not_a_torch_file(name, head)
+                if problem is None:
+                    f.seek(0)
+                    checkpoint = torch.load(f, map_location=map_location, weights_only=weights_only)
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,  # a damaged legacy (pickle) file can fail in the unpickler's memo or stack
+        IndexError,
+    ) as err:
         raise ValueError(_describe_load_error(name, err)) from err
     except OSError as err:
         # A file cut short inside the zip's directory fails with EINVAL on a seek; errors of opening the
@@ -194,6 +238,8 @@ def read_checkpoint(
         if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise
         raise ValueError(_describe_load_error(name, err)) from err
+    if problem is not None:
+        raise ValueError(problem)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
             f"{name} is not a Lightning checkpoint (it has no 'state_dict'). Pass a .ckpt file written by "
@@ -260,5 +306,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
+        if not get_filesystem(str(path)).exists(str(path)):
+            # Reached through a Trainer's ckpt_path (the command's --ckpt_path), unlike read_checkpoint.
+            raise FileNotFoundError(f"Checkpoint file not found: {path}. Check the path (and --ckpt_path).")
         safe = self.weights_only if weights_only is None else weights_only
         return read_checkpoint(path, weights_only=safe, map_location=map_location)

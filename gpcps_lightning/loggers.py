@@ -10,6 +10,7 @@ be uploaded later with ``wandb sync``. Setting ``WANDB_MODE`` yourself (``online
 The ``gpcps`` command applies this to any :class:`lightning.pytorch.loggers.WandbLogger` in a config;
 :class:`OfflineFallbackWandbLogger` applies it in any Lightning program (a plain ``Trainer`` or a user's
 own ``LightningCLI``). It has its own name so that ``--trainer.logger WandbLogger`` stays unambiguous.
+Both also pass W&B only the settings that do not make it warn (:func:`quiet_wandb_init`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["OfflineFallbackWandbLogger", "resolve_wandb_mode", "wandb_api_key_configured"]
+__all__ = ["OfflineFallbackWandbLogger", "quiet_wandb_init", "resolve_wandb_mode", "wandb_api_key_configured"]
 
 _DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -94,6 +95,27 @@ def resolve_wandb_mode(save_dir: str | os.PathLike[str] | None = None) -> str:
     return "offline"
 
 
+def quiet_wandb_init(logger: WandbLogger) -> None:
+    """Adjust what a ``WandbLogger`` will pass to ``wandb.init`` so that W&B does not warn about defaults.
+
+    Lightning (2.6) always passes ``anonymous=None``, which W&B (0.19 and later) answers with "The
+    anonymous setting has no effect"; it is left out unless the user set it. W&B looks for the git
+    repository from the run folder (``save_dir``) before creating it and warns "git root ... does not
+    exist" on a first run; the folder is created here, so W&B still records the commit when there is
+    a repository. Call it before the logger's ``experiment`` is first used.
+
+    Args:
+        logger: The logger, before its run starts (changed in place; a started run is left alone).
+    """
+    init = getattr(logger, "_wandb_init", None)  # Lightning's arguments of wandb.init
+    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
+        return
+    if init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    if init.get("dir"):
+        os.makedirs(os.fspath(init["dir"]), exist_ok=True)
+
+
 class OfflineFallbackWandbLogger(WandbLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger`, going offline when there is no W&B login.
 
@@ -116,3 +138,4 @@ class OfflineFallbackWandbLogger(WandbLogger):
                     "log in with `wandb login` (or set WANDB_API_KEY) or set log_model=False."
                 )
         super().__init__(*args, **kwargs)
+        quiet_wandb_init(self)

@@ -19,6 +19,7 @@ from gpcps_lightning import GPCPSModule, PredictionBatch
 from gpcps_lightning import loggers as gp_loggers
 from gpcps_lightning.callbacks import (
     GROUND_TRUTH_COLOR,
+    PANEL_COLUMN_TITLES,
     PREDICTION_COLOR,
     BestCheckpoint,
     LossProgressBar,
@@ -27,6 +28,7 @@ from gpcps_lightning.callbacks import (
     ValidationImagePanel,
     display_images,
     overlay_mask,
+    panel_scale,
     prediction_panel,
     selection_head,
 )
@@ -75,6 +77,55 @@ def test_prediction_panel_layout() -> None:
         prediction_panel(images, masks[:1], preds)
 
 
+def test_prediction_panel_enlarges_tiles_and_titles_columns() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 8, 10, 3), dtype=np.uint8)
+    masks, preds = rng.random((2, 2, 8, 10)) > 0.5
+    assert panel_scale(8, 10, 192) == 24 and panel_scale(64, 64, 192) == 3
+    assert panel_scale(352, 400, 192) == 1 and panel_scale(64, 64, 1) == 1
+    plain = prediction_panel(images, masks, preds, gap=2)
+    big = prediction_panel(images, masks, preds, gap=2, scale=24)
+    assert big.shape == (2 * 192 + 2, 3 * 240 + 2 * 2, 3)
+    for i in range(2):  # nearest neighbour: each pixel of a tile becomes a 24 x 24 block
+        for j in range(3):
+            tile = plain[i * 10 : i * 10 + 8, j * 12 : j * 12 + 10]
+            enlarged = big[i * 194 : i * 194 + 192, j * 242 : j * 242 + 240]
+            assert (enlarged == tile.repeat(24, axis=0).repeat(24, axis=1)).all()
+    assert PANEL_COLUMN_TITLES == ("image", "ground truth", "prediction")
+    titled = prediction_panel(images, masks, preds, gap=2, scale=24, titles=PANEL_COLUMN_TITLES)
+    header = titled.shape[0] - big.shape[0]
+    assert header == 32 and (titled[header:] == big).all()  # a 20 px font on a 32 px header
+    for j in range(3):  # each title in dark pixels above its own column, the gaps left white
+        assert (titled[:header, j * 242 : j * 242 + 240].min(axis=-1) < 100).any()
+    assert (titled[:header, 240:242] == 255).all() and (titled[:header, 482:484] == 255).all()
+    other = prediction_panel(images, masks, preds, gap=2, scale=24, titles=("a", "b", "c"))
+    assert (other[:header] != titled[:header]).any() and (other[header:] == big).all()
+    with pytest.raises(ValueError, match="`scale` must be a positive integer, got 0"):
+        prediction_panel(images, masks, preds, scale=0)
+    with pytest.raises(ValueError, match="`titles` must be three column titles"):
+        prediction_panel(images, masks, preds, titles=("image", "prediction"))
+
+
+def test_predictions_picture_tiles_are_large_and_titled(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 200, (2, 64, 64, 3), dtype=np.uint8)  # no white: tiles stand out
+    masks, preds = rng.random((2, 2, 64, 64)) > 0.5
+    PredictionsPicture().write(images, masks, preds, str(tmp_path / "p.png"))
+    picture = np.asarray(Image.open(tmp_path / "p.png").convert("RGB")).astype(int)
+    drawn = picture.sum(axis=-1) < 3 * 250
+    rows = np.flatnonzero(drawn[:, picture.shape[1] // 6])  # down the middle of the first column
+    top = rows[0]
+    while not drawn[top : top + 100, picture.shape[1] // 6].all():  # skip the title to the tile
+        top += 1
+    middle = drawn[top + 50]
+    edges = np.flatnonzero(np.diff(middle.astype(int)))
+    widths = edges[1::2] - edges[::2]
+    assert len(widths) == 3 and (widths >= 192).all(), widths  # three columns of 64 px images, enlarged
+    # Column titles ("image", "ground truth", "prediction (Dice …)") in dark pixels above each tile.
+    for left, right in zip(edges[::2], edges[1::2], strict=True):
+        assert (picture[:top, left + 1 : right + 1].max(axis=-1) < 100).any()
+
+
 def test_display_images_denormalizes_or_rescales() -> None:
     dm = RandomSquaresDataModule(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x = torch.zeros(1, 3, 2, 2)
@@ -121,13 +172,14 @@ def test_checkpoint_panels_and_picture_in_one_run(tmp_path: Path, tiny_net: dict
     # Stock ModelCheckpoint (Lightning 2.6) would leave last.ckpt at step 2 here.
     assert step == {"best.ckpt": 2, "last.ckpt": 4}
 
-    # Panels: PNG files for the CSV logger (3 rows of 32 px + 2 gaps, 3 tiles + 2 gaps) ...
+    # Panels: PNG files for the CSV logger (a title header of 31 px, then 3 rows of 32 px images enlarged
+    # six times to 192 px + 2 gaps; 3 tiles + 2 gaps) ...
     pngs = sorted((Path(trainer.loggers[0].log_dir) / "panels").glob("*.png"))
     assert [p.name for p in pngs] == [
         "val_predictions_epoch0000_step0000002.png",
         "val_predictions_epoch0001_step0000004.png",
     ]
-    assert np.asarray(Image.open(pngs[0])).shape == (3 * 32 + 2 * 2, 3 * 32 + 2 * 2, 3)
+    assert np.asarray(Image.open(pngs[0])).shape == (31 + 3 * 192 + 2 * 2, 3 * 192 + 2 * 2, 3)
     # ... and images in TensorBoard.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -273,6 +325,21 @@ def test_wandb_logger_subclass(no_wandb_login: Path) -> None:
     assert os.environ["WANDB_MODE"] == "offline" and logger.name == "p"
     with pytest.raises(ValueError, match="log_model"):
         gp_loggers.OfflineFallbackWandbLogger(project="p", log_model=True)
+
+
+def test_wandb_init_arguments_provoke_no_warning(no_wandb_login: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = no_wandb_login.parent / "runs" / "x"
+    stock = WandbLogger(project="p", save_dir=str(save_dir))
+    assert stock._wandb_init["anonymous"] is None  # Lightning's default, which W&B warns about
+    gp_loggers.quiet_wandb_init(stock)
+    assert "anonymous" not in stock._wandb_init
+    assert save_dir.is_dir()  # W&B warned "git root ... does not exist" when it looked for git there
+    # The library's logger does it itself; a user's own choice is kept.
+    logger = gp_loggers.OfflineFallbackWandbLogger(project="p", save_dir=str(save_dir), anonymous=True)
+    assert logger._wandb_init["anonymous"] == "allow"
+    assert "anonymous" not in gp_loggers.OfflineFallbackWandbLogger(project="p")._wandb_init
 
 
 def _chunk(kind: int, payload: bytes) -> bytes:

@@ -52,9 +52,40 @@ def test_truncated_checkpoint_is_a_clear_error(checkpoint: Path, tmp_path: Path)
         SafeCheckpointIO().load_checkpoint(broken)
 
 
+@pytest.mark.parametrize(
+    ("content", "start"),
+    [
+        (b"model:\n  class_path: gpcps_lightning.GPCPSModule\n", "the text 'model:' (a text file?)"),
+        (b'{"lr": 0.001}', "the text '{\"lr\": 0.001}' (a text file?)"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(32), r"the bytes b'\x89PNG\r\n\x1a\n'"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path: Path, content: bytes, start: str) -> None:
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    for read in (read_checkpoint, SafeCheckpointIO().load_checkpoint, GPCPSModule.load_from_checkpoint):
+        with pytest.raises(ValueError) as info:
+            read(path)
+        message = str(info.value)
+        assert f"Checkpoint {path} cannot be read: it is not a PyTorch checkpoint" in message, message
+        assert f"starts with {start}." in message
+        # PyTorch's advice (load with weights_only=False) is wrong for a file that is no checkpoint.
+        assert "weights_only" not in message
+    # The checks look at the first bytes only; a real checkpoint's start passes them.
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="was not written by a gpcps_lightning module"):
+        read_checkpoint(path)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
         GPCPSModule.load_from_checkpoint(tmp_path / "nope.ckpt")
+    # Only the Trainer's checkpoint I/O (reached through --ckpt_path) names that option.
+    with pytest.raises(FileNotFoundError) as info:
+        read_checkpoint(tmp_path / "nope.ckpt")
+    assert str(info.value) == f"Checkpoint file not found: {tmp_path / 'nope.ckpt'}. Check the path."
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt\. Check the path \(and --ckpt_path\)\."):
+        SafeCheckpointIO().load_checkpoint(tmp_path / "nope.ckpt")
 
 
 def test_foreign_checkpoints_are_refused(checkpoint: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from test_data_helpers import write_pairs
 
 from gpcps_lightning import GPCPSModule, SegmentationModule, __version__
 from gpcps_lightning import cli as cli_module
@@ -21,7 +22,7 @@ from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, Validatio
 from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.cli import GPCPSCLI, main
 from gpcps_lightning.inference.predict import Segmenter
-from gpcps_lightning.testing import read_wandb_run
+from gpcps_lightning.tools.wandb_reader import read_wandb_run
 
 CONF = Path(__file__).parent / "conf"
 TINY = str(CONF / "tiny_gpcps.yaml")
@@ -120,6 +121,145 @@ def test_fit_rejects_unknown_option(capsys: pytest.CaptureFixture[str]) -> None:
         main(["fit", "--config", TINY, "--model.lambda_gradd", "1"])
     assert exit_info.value.code != 0
     assert "lambda_gradd" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- errors as one message
+@pytest.mark.parametrize(
+    ("args", "config", "shown"),
+    [
+        (
+            ["--model.init_args.lamda_grad", "1"],
+            None,
+            "gpcps fit: error: model: gpcps_lightning.GPCPSModule has no option 'lamda_grad'; "
+            "did you mean 'lambda_grad'?",
+        ),
+        (
+            [],
+            "model:\n  init_args:\n    lamda_grad: 1\n",
+            "has no option 'lamda_grad'; did you mean 'lambda_grad'?",
+        ),
+        (
+            [],
+            "trainr:\n  max_steps: 3\n",
+            "gpcps fit: error: unknown key 'trainr' (in trainr.max_steps); did you mean 'trainer'?",
+        ),
+        (
+            [],
+            "trainer:\n  max_stepz: 3\n",
+            "unknown key 'trainer.max_stepz'; did you mean 'trainer.max_steps'?",
+        ),
+        (
+            ["--trainer.max_stepz", "3"],
+            None,
+            "gpcps fit: error: unknown option --trainer.max_stepz; did you mean '--trainer.max_steps'?",
+        ),
+        (
+            ["--data.init_args.batch_size", "two"],
+            None,
+            "gpcps fit: error: data.batch_size: Expected a <class 'int'>. Got value: two",
+        ),
+    ],
+)
+def test_misspelt_option_names_the_closest_valid_one(
+    args: list[str],
+    config: str | None,
+    shown: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("GPCPS_TRACEBACK", raising=False)
+    if config is not None:
+        (tmp_path / "typo.yaml").write_text(config)
+        args = [*args, "--config", str(tmp_path / "typo.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert shown in err
+    # The message and a hint, not the usage (~70 lines) nor jsonargparse's Union report.
+    assert len(err.strip().splitlines()) == 2, err
+    assert "usage:" not in err and "Union subtypes" not in err and "Given value" not in err
+    assert "`gpcps fit --help` lists the options" in err
+
+
+def test_parse_error_full_report_on_request(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPCPS_TRACEBACK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, "--model.init_args.lamda_grad", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: gpcps [options] fit" in err and "Option 'lamda_grad' is not accepted" in err
+
+
+def _folder_with_an_unpaired_image(root: Path) -> Path:
+    write_pairs(root, 6)
+    (root / "images" / "extra.png").write_bytes((root / "images" / "img000.png").read_bytes())
+    return root
+
+
+def test_library_errors_are_one_message_with_traceback_on_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPCPS_TRACEBACK", "0")  # "0" is off; monkeypatch restores what --traceback sets
+    root = _folder_with_an_unpaired_image(tmp_path / "data")
+    args = [
+        "fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data", "gpcps_lightning.FolderDataModule", "--data.root", str(root), "--data.image_size", "32",
+    ]  # fmt: skip
+    assert main(args) == 2  # found in setup, during fit
+    err = capsys.readouterr().err
+    assert "gpcps fit: error: 1 image(s) in " in err and "have no mask in" in err and "extra" in err
+    assert "Traceback" not in err and "GPCPS_TRACEBACK=1 shows the traceback" in err
+    # A value the class rejects comes back as the class's message alone, not inside jsonargparse's report.
+    assert main(["fit", "--config", TINY, "--model.lambda_grad", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "gpcps fit: error: `lambda_grad` must be >= 0, got -1.0." in err and "Union" not in err
+    # The traceback on request: the option (removed before parsing) or the environment variable.
+    with pytest.raises(ValueError, match="have no mask in"):
+        main(["--traceback", *args])
+    assert os.environ["GPCPS_TRACEBACK"] == "1"  # the option sets it for this process
+    monkeypatch.setenv("GPCPS_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="have no mask in"):
+        main(args)
+
+
+def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPCPS_TRACEBACK", raising=False)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("raised outside the library")  # a ValueError, but not one of the library's
+
+    monkeypatch.setattr(GPCPSCLI, "__init__", broken)
+    with pytest.raises(ValueError, match="raised outside the library"):
+        main(["fit", "--config", TINY])
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(GPCPSCLI, "__init__", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["fit", "--config", TINY])
+
+
+def test_reported_error_unwraps_only_the_librarys_own_errors() -> None:
+    from gpcps_lightning.checkpointing import read_checkpoint
+
+    with pytest.raises(FileNotFoundError) as own:
+        read_checkpoint("no/such/file.ckpt")
+    assert cli_module.reported_error(own.value) is own.value
+    try:  # jsonargparse wraps a class's error in its Union report, with the error as the cause
+        raise ValueError("Does not validate against any of the Union subtypes\nErrors: ...") from own.value
+    except ValueError as wrapped:
+        assert cli_module.reported_error(wrapped) is own.value
+    with pytest.raises(ValueError) as foreign:
+        int("not a number")  # Python's own error: no `raise` of the library
+    assert cli_module.reported_error(foreign.value) is None
+    with pytest.raises(IndexError) as other_type:
+        [][0]
+    assert cli_module.reported_error(other_type.value) is None
 
 
 # ----------------------------------------------------------------------------- defaults, no training
@@ -323,11 +463,11 @@ def test_wandb_offline_without_login_logs_metrics_and_panels(
 ) -> None:
     import wandb
 
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DISABLE_GIT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_CONSOLE", "off")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    save_dir = tmp_path / "logs"  # not there yet: W&B used to warn "git root ... does not exist"
     try:
         run_cli(
             "fit",
@@ -340,7 +480,7 @@ def test_wandb_offline_without_login_logs_metrics_and_panels(
             "--trainer.logger.project",
             "gpcps-test",
             "--trainer.logger.save_dir",
-            str(tmp_path),
+            str(save_dir),
             "--trainer.log_every_n_steps",
             "1",
         )
@@ -348,8 +488,11 @@ def test_wandb_offline_without_login_logs_metrics_and_panels(
     finally:
         wandb.finish()
         wandb.teardown()  # stop the W&B service: everything is on disk after this
-    assert "no W&B API key found" in capfd.readouterr().err
-    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    err = capfd.readouterr().err
+    assert "no W&B API key found" in err
+    # The library's defaults provoke no W&B warning (Lightning's anonymous=None, a missing run folder).
+    assert "anonymous setting" not in err and "git root" not in err and "wandb: WARNING" not in err
+    (run_dir,) = (save_dir / "wandb").glob("offline-run-*")
     run = read_wandb_run(run_dir)
     assert run["finished"]
     logged = {k for row in run["history"] for k in row}
@@ -362,6 +505,36 @@ def test_wandb_offline_without_login_logs_metrics_and_panels(
     panels = [row for row in run["history"] if "val/predictions/filenames" in row]
     assert len(panels) == 1
     assert (run_dir / "files" / panels[0]["val/predictions/filenames"][0]).is_file()
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "extra", "logger"),
+    [
+        ("fit", [], "from_config"),
+        ("validate", [], None),
+        ("test", [], None),
+        ("predict", [], None),
+        ("predict", ["--trainer.logger.init_args.name", "other"], None),  # a tweak is no request
+        ("test", ["--trainer.logger", "CSVLogger"], "from_config"),  # the config's init_args are kept
+        ("predict", ["--trainer.logger=true"], "lightning_logs"),  # Lightning's default logger
+    ],
+)
+def test_evaluation_and_prediction_log_nowhere_unless_asked(
+    subcommand: str, extra: list[str], logger: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A config that logs, as the shipped ones do (with CSV instead of W&B: the rule is the same).
+    (tmp_path / "logs.yaml").write_text(
+        "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
+        f"    init_args:\n      save_dir: {tmp_path}\n      name: from_config\n"
+    )
+    monkeypatch.setattr(GPCPSCLI, "_run_subcommand", lambda self, name: None)  # build only
+    args = [subcommand, "--config", TINY, "--config", str(tmp_path / "logs.yaml")]
+    cli = run_cli(*args, "--trainer.default_root_dir", str(tmp_path), *extra)
+    assert [x.name for x in cli.trainer.loggers] == ([logger] if logger else [])
+    # With `logger: null` in the config, Lightning would add its default (TensorBoard/CSV) logger.
+    (tmp_path / "default.yaml").write_text("trainer:\n  logger: null\n")
+    cli = run_cli(subcommand, "--config", TINY, "--config", str(tmp_path / "default.yaml"))
+    assert bool(cli.trainer.loggers) == (subcommand == "fit")
 
 
 def test_wandb_disabled_falls_back_to_default_logger(

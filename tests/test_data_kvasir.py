@@ -194,6 +194,34 @@ def test_failed_download_removes_part_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_without_network_says_where_to_put_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    root = tmp_path / "root"
+    url = (tmp_path / "nonexistent.zip").as_uri()  # fails like an unreachable server, without network
+    dm = KvasirSEGDataModule(root=str(root), download=True, url=url)
+    with pytest.raises(ConnectionError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert message.startswith(f"Could not download Kvasir-SEG from {url} (URLError: ")
+    assert f"download kvasir-seg.zip from that URL on another machine and extract it into {root}" in message
+    assert f"{root / 'Kvasir-SEG' / 'images'} and {root / 'Kvasir-SEG' / 'masks'}" in message
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+    assert list(root.iterdir()) == []  # no partial download left behind
+
+    def no_network(url: str, timeout: float) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)  # the default URL, offline
+    with pytest.raises(
+        ConnectionError, match=r"from https://datasets\.simula\.no/downloads/kvasir-seg\.zip "
+    ):
+        KvasirSEGDataModule(root=str(root), download=True).prepare_data()
+
+
 def test_verify_reports_missing_and_modified_files(tmp_path: Path) -> None:
     archive, manifest = _small_archive(tmp_path)
     data_dir = download_kvasir_seg(tmp_path / "root", url=archive.as_uri(), manifest=manifest)

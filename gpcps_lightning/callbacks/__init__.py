@@ -21,11 +21,13 @@ from __future__ import annotations
 from gpcps_lightning.callbacks.checkpoint import BestCheckpoint, selection_head
 from gpcps_lightning.callbacks.images import (
     GROUND_TRUTH_COLOR,
+    PANEL_COLUMN_TITLES,
     PREDICTION_COLOR,
     PredictionsPicture,
     ValidationImagePanel,
     display_images,
     overlay_mask,
+    panel_scale,
     prediction_panel,
 )
 from gpcps_lightning.callbacks.lr_schedule import LRSchedule
@@ -34,6 +36,7 @@ from gpcps_lightning.callbacks.writer import PredictionWriter
 
 __all__ = [
     "GROUND_TRUTH_COLOR",
+    "PANEL_COLUMN_TITLES",
     "PREDICTION_COLOR",
     "BestCheckpoint",
     "LRSchedule",
@@ -43,6 +46,7 @@ __all__ = [
     "ValidationImagePanel",
     "display_images",
     "overlay_mask",
+    "panel_scale",
     "prediction_panel",
     "selection_head",
 ]

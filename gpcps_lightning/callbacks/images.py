@@ -1,12 +1,15 @@
 """Drawing and image logging: mask overlays, prediction panels, and the callbacks that log them.
 
 - :class:`ValidationImagePanel` logs, every few epochs, fixed validation images with their ground truth and
-  prediction overlays (W&B, TensorBoard, or PNG files for other loggers).
+  prediction overlays (W&B, TensorBoard, or PNG files for other loggers), in titled columns, small
+  images enlarged (:func:`prediction_panel`).
 - :class:`PredictionsPicture` writes a picture of a few validation predictions at the end of ``fit``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from gpcps_lightning._utils import atomic_path
@@ -25,17 +28,21 @@ from gpcps_lightning.batch import EvaluationBatch
 
 __all__ = [
     "GROUND_TRUTH_COLOR",
+    "PANEL_COLUMN_TITLES",
     "PREDICTION_COLOR",
     "PredictionsPicture",
     "ValidationImagePanel",
     "display_images",
     "overlay_mask",
+    "panel_scale",
     "prediction_panel",
 ]
 
 #: Overlay colours (RGB) of the ground truth and of the prediction.
 GROUND_TRUTH_COLOR = (0, 200, 0)
 PREDICTION_COLOR = (230, 30, 30)
+#: Titles of the three columns of the prediction panels and pictures, left to right.
+PANEL_COLUMN_TITLES = ("image", "ground truth", "prediction")
 
 
 def overlay_mask(
@@ -98,22 +105,82 @@ def display_images(images: Tensor, datamodule: Any = None) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
 
 
+def panel_scale(height: int, width: int, min_tile_size: int) -> int:
+    """The integer factor that enlarges a ``height`` x ``width`` tile to at least ``min_tile_size`` pixels.
+
+    Args:
+        height: Tile height in pixels.
+        width: Tile width in pixels.
+        min_tile_size: The smallest side the enlarged tile should have; 1 keeps the size.
+
+    Returns:
+        ``ceil(min_tile_size / min(height, width))``, at least 1.
+    """
+    return max(1, math.ceil(min_tile_size / max(1, min(height, width))))
+
+
+@functools.lru_cache(maxsize=8)
+def _title_font(size: int) -> Any:
+    # DejaVu Sans ships with matplotlib (a dependency); Pillow's own font is the fallback.
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
+    except Exception:
+        return ImageFont.load_default()
+
+
+def _title_height(tile_width: int) -> tuple[int, int]:
+    """Font size and header height of the column titles above tiles ``tile_width`` pixels wide."""
+    size = max(10, min(20, tile_width // 10))
+    return size, size + 12
+
+
+def _draw_titles(header: np.ndarray, titles: Sequence[str], tile_width: int, gap: int, size: int) -> None:
+    picture = Image.fromarray(header)
+    draw = ImageDraw.Draw(picture)
+    for j, title in enumerate(titles):
+        # A title wider than its tile gets a smaller font (down to 8 px) rather than overlapping the next.
+        for smaller in range(size, 7, -1):
+            font = _title_font(smaller)
+            left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+            if right - left <= tile_width - 4:
+                break
+        x = j * (tile_width + gap) + (tile_width - (right - left)) / 2 - left
+        y = (header.shape[0] - (bottom - top)) / 2 - top
+        draw.text((x, y), title, fill=(0, 0, 0), font=font)
+    header[...] = np.asarray(picture)
+
+
 def prediction_panel(
-    images: np.ndarray, masks: np.ndarray, predictions: np.ndarray, gap: int = 2
+    images: np.ndarray,
+    masks: np.ndarray,
+    predictions: np.ndarray,
+    gap: int = 2,
+    *,
+    scale: int = 1,
+    titles: Sequence[str] | None = None,
 ) -> np.ndarray:
     """A grid with one row per image: the image, its ground truth overlay and its prediction overlay.
+
+    The overlays are drawn at the images' size, then each tile is enlarged ``scale`` times by repeating
+    its pixels (nearest neighbour), so that a mask's edge stays as sharp as the network sees it.
 
     Args:
         images: uint8 RGB images, shape (N, H, W, 3).
         masks: Ground-truth masks, shape (N, H, W), boolean or {0, 1}.
         predictions: Binary predictions, shape (N, H, W).
         gap: Width in pixels of the white lines between tiles.
+        scale: Integer enlargement of every tile (see :func:`panel_scale`).
+        titles: Three column titles (e.g. :data:`PANEL_COLUMN_TITLES`) written in black on a white header
+            above the columns, or ``None`` for no header.
 
     Returns:
-        uint8 array of shape (N*H + (N-1)*gap, 3*W + 2*gap, 3).
+        uint8 array of shape (T + N*h + (N-1)*gap, 3*w + 2*gap, 3) with ``h, w = scale*H, scale*W`` and
+        ``T`` the header's height (0 without titles).
 
     Raises:
-        ValueError: On inconsistent shapes or an empty batch.
+        ValueError: On inconsistent shapes, an empty batch, a ``scale`` below 1 or not three titles.
     """
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"`images` must have shape (N, H, W, 3) with N >= 1, got {images.shape}.")
@@ -123,17 +190,25 @@ def prediction_panel(
             f"`masks` and `predictions` must have shape {(n, h, w)}, "
             f"got {masks.shape} and {predictions.shape}."
         )
-    panel = np.full((n * h + (n - 1) * gap, 3 * w + 2 * gap, 3), 255, dtype=np.uint8)
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"`scale` must be a positive integer, got {scale}.")
+    if titles is not None and len(titles) != 3:
+        raise ValueError(f"`titles` must be three column titles, got {list(titles)}.")
+    th, tw = h * scale, w * scale
+    font_size, header = _title_height(tw) if titles is not None else (0, 0)
+    panel = np.full((header + n * th + (n - 1) * gap, 3 * tw + 2 * gap, 3), 255, dtype=np.uint8)
+    if titles is not None:
+        _draw_titles(panel[:header], titles, tw, gap, font_size)
     for i in range(n):
-        top = i * (h + gap)
+        top = header + i * (th + gap)
         tiles = (
             images[i],
             overlay_mask(images[i], masks[i], GROUND_TRUTH_COLOR),
             overlay_mask(images[i], predictions[i], PREDICTION_COLOR),
         )
         for j, tile in enumerate(tiles):
-            left = j * (w + gap)
-            panel[top : top + h, left : left + w] = tile
+            left = j * (tw + gap)
+            panel[top : top + th, left : left + tw] = tile.repeat(scale, axis=0).repeat(scale, axis=1)
     return panel
 
 
@@ -143,7 +218,7 @@ def _dice_score(prediction: np.ndarray, mask: np.ndarray) -> float:
     return 1.0 if denominator == 0 else float(2.0 * (p & t).sum() / denominator)
 
 
-def _save_png(array: np.ndarray, path: str | os.PathLike[str]) -> None:
+def save_png(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
 
@@ -203,12 +278,13 @@ class _FixedValidationImages(L.Callback):
 class ValidationImagePanel(_FixedValidationImages):
     """Every few epochs, log fixed validation images with ground-truth and prediction overlays.
 
-    The panel has one row per image: the image, the ground truth (green) and the prediction (red) of
-    the module's predicting head. The images are the first ones the validation loader yields, the same
-    every epoch when the loader does not shuffle (Lightning's default for validation). It goes to each
-    logger: W&B (``wandb.Image`` under ``key``), TensorBoard (``add_image``); for any other logger, or
-    none, it is written as a PNG file to ``output_dir`` (default
-    ``<trainer.log_dir or default_root_dir>/panels``).
+    The panel has one row per image and three titled columns: the image, the ground truth (green) and
+    the prediction (red) of the module's predicting head; images smaller than ``min_tile_size`` pixels
+    are enlarged by an integer factor (nearest neighbour), so 64 px images show as 192 px tiles. The
+    images are the first ones the validation loader yields, the same every epoch when the loader does
+    not shuffle (Lightning's default for validation). It goes to each logger: W&B (``wandb.Image`` under
+    ``key``), TensorBoard (``add_image``); for any other logger, or none, it is written as a PNG file to
+    ``output_dir`` (default ``<trainer.log_dir or default_root_dir>/panels``).
 
     Args:
         every_n_epochs: Log at the validation of epoch 0 and every this many epochs after; 0 switches
@@ -216,6 +292,8 @@ class ValidationImagePanel(_FixedValidationImages):
         num_images: Number of validation images (the first ones of the validation set).
         key: Name of the logged image.
         output_dir: Folder of the PNG files for loggers without image support.
+        min_tile_size: Smallest side, in pixels, of each tile of the panel: smaller images are enlarged
+            by the integer factor that reaches it (1 keeps the images' size).
     """
 
     def __init__(
@@ -224,15 +302,19 @@ class ValidationImagePanel(_FixedValidationImages):
         num_images: int = 4,
         key: str = "val/predictions",
         output_dir: str | None = None,
+        min_tile_size: int = 192,
     ) -> None:
         super().__init__(num_images)
         if every_n_epochs < 0:
             raise ValueError(
                 f"`every_n_epochs` must be >= 0 (0 switches the panel off), got {every_n_epochs}."
             )
+        if min_tile_size < 1:
+            raise ValueError(f"`min_tile_size` must be at least 1 (1 keeps the size), got {min_tile_size}.")
         self.every_n_epochs = every_n_epochs
         self.key = key
         self.output_dir = output_dir
+        self.min_tile_size = min_tile_size
 
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
         if self.every_n_epochs > 0:
@@ -249,7 +331,8 @@ class ValidationImagePanel(_FixedValidationImages):
         images, masks, predictions = self._render(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        panel = prediction_panel(images, masks, predictions)
+        scale = panel_scale(images.shape[1], images.shape[2], self.min_tile_size)
+        panel = prediction_panel(images, masks, predictions, scale=scale, titles=PANEL_COLUMN_TITLES)
         caption = (
             f"epoch {trainer.current_epoch}, step {trainer.global_step}: image | ground truth | prediction"
         )
@@ -266,7 +349,7 @@ class ValidationImagePanel(_FixedValidationImages):
                 )
                 epoch, step = trainer.current_epoch, trainer.global_step
                 name = f"{_safe_name(self.key)}_epoch{epoch:04d}_step{step:07d}.png"
-                _save_png(panel, os.path.join(folder, name))
+                save_png(panel, os.path.join(folder, name))
                 wrote_png = True
 
 
@@ -325,12 +408,13 @@ class PredictionsPicture(_FixedValidationImages):
         FigureCanvasAgg(fig)
         axes = fig.subplots(n, 3, squeeze=False)
         for i in range(n):
+            image_title, truth_title, prediction_title = PANEL_COLUMN_TITLES
             tiles = (
-                (images[i], "image"),
-                (overlay_mask(images[i], masks[i], GROUND_TRUTH_COLOR), "ground truth"),
+                (images[i], image_title),
+                (overlay_mask(images[i], masks[i], GROUND_TRUTH_COLOR), truth_title),
                 (
                     overlay_mask(images[i], predictions[i], PREDICTION_COLOR),
-                    f"prediction (Dice {100 * _dice_score(predictions[i], masks[i]):.1f}%)",
+                    f"{prediction_title} (Dice {100 * _dice_score(predictions[i], masks[i]):.1f}%)",
                 ),
             )
             for ax, (tile, title) in zip(axes[i], tiles, strict=True):

@@ -9,7 +9,7 @@ The package ships, in ``gpcps_lightning/data/resources/kvasir_seg/``:
 
 They were made once from a verified copy by :func:`write_kvasir_seg_resources` with
 :data:`KVASIR_SEG_SPLIT_SEED` (``python -m gpcps_lightning.data.kvasir --root <copy> --out <dir>``); the
-split is :func:`gpcps_lightning.data.datamodule.ratio_split` (10% val, 10% test) and the labeled subsets
+split is :func:`gpcps_lightning.data.splits.ratio_split` (10% val, 10% test) and the labeled subsets
 the first 400/200/100/50 names of one seeded permutation of the training names, so the same seed gives
 the same files.
 """
@@ -17,13 +17,14 @@ the same files.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import http.client
 import logging
 import math
 import os
 import shutil
 import stat
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
@@ -33,15 +34,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from gpcps_lightning.data.datamodule import (
-    DataSplit,
-    SemiSupervisedDataModule,
-    _preview,
-    _round_half_up,
-    ratio_split,
-    split_folder,
-)
+from gpcps_lightning._utils import sha256_file
+from gpcps_lightning.data.datamodule import SemiSupervisedDataModule
 from gpcps_lightning.data.datasets import pair_image_mask_folders
+from gpcps_lightning.data.io import preview_names
+from gpcps_lightning.data.splits import DataSplit, ratio_split, round_half_up, split_folder
 
 __all__ = [
     "KVASIR_SEG_FRACTIONS",
@@ -54,7 +51,6 @@ __all__ = [
     "kvasir_seg_resource",
     "make_kvasir_seg_splits",
     "safe_extract_zip",
-    "sha256_file",
     "verify_manifest",
     "write_kvasir_seg_resources",
     "write_manifest",
@@ -97,18 +93,9 @@ def make_kvasir_seg_splits(names: Sequence[str], seed: int = KVASIR_SEG_SPLIT_SE
     perm = np.random.default_rng(seed).permutation(len(train))
     out = {"train": train, "val": val, "test": test}
     for fraction, suffix in KVASIR_SEG_FRACTIONS.items():
-        k = _round_half_up(fraction * len(train))
+        k = round_half_up(fraction * len(train))
         out[f"labeled_{suffix}"] = sorted(train[i] for i in perm[:k])
     return out
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(
@@ -166,9 +153,11 @@ def verify_manifest(data_dir: str | Path, manifest: str | Path | None = None) ->
     if missing or different:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} file(s) missing: {_preview(missing)}")
+            parts.append(f"{len(missing)} file(s) missing: {preview_names(missing)}")
         if different:
-            parts.append(f"{len(different)} file(s) differ from the official ones: {_preview(different)}")
+            parts.append(
+                f"{len(different)} file(s) differ from the official ones: {preview_names(different)}"
+            )
         raise ValueError(
             f"The Kvasir-SEG copy in {data_dir} does not match the manifest {manifest}: "
             + "; ".join(parts)
@@ -350,9 +339,22 @@ def download_kvasir_seg(
         The data folder (``root/Kvasir-SEG``).
 
     Raises:
+        ConnectionError: If the archive cannot be downloaded (no network, a wrong URL); the message
+            says where to put a copy downloaded elsewhere.
         ValueError: If the archive is unsafe, lacks the expected folders or fails verification.
     """
-    download_and_extract(url, root, "kvasir-seg.zip", opener)
+    filename = "kvasir-seg.zip"
+    try:
+        download_and_extract(url, root, filename, opener)
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", None) or err
+        folder = Path(root) / _ARCHIVE_FOLDER
+        raise ConnectionError(
+            f"Could not download Kvasir-SEG from {url} ({type(err).__name__}: {reason}). Without network "
+            f"access, download {filename} from that URL on another machine and extract it into {root}, so "
+            f"that {folder / 'images'} and {folder / 'masks'} hold its 1000 images and masks (images/ and "
+            f"masks/ directly in {root} work too); then run again (download=True is then not needed)."
+        ) from err
     data_dir = find_kvasir_seg(root)
     if data_dir is None:
         raise ValueError(
