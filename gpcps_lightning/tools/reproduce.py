@@ -81,6 +81,12 @@ def _machine() -> str:
     return f"CPU only: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _fraction_key(fraction: float) -> str:
     return FRACTION_NAMES.get(fraction, f"{fraction:g}").replace("/", "of")
 
@@ -877,6 +883,10 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < fraction < 1 or not math.isfinite(fraction):
             raise SystemExit(f"gpcps reproduce: --fractions must lie in (0, 1), got {fraction}.")
     configs = _method_configs(args)
+    if args.accelerator == "cpu" or (args.accelerator == "auto" and not _cuda_available()):
+        from gpcps_lightning.threads import apply_thread_policy
+
+        apply_thread_policy(args.num_workers or 0)
     out = Path(args.out)
     grid = [(c, f, s) for f in args.fractions for s in args.seeds for c in configs]
     # Check every finished or interrupted run first: a mismatch stops the command before hours of training.

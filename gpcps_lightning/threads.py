@@ -1,0 +1,94 @@
+"""The CPU thread policy of a training on the CPU: how many intra-op threads PyTorch gets.
+
+PyTorch starts one intra-op thread per core. On a machine where another process is also busy, each
+parallel operation then waits at its barrier for a thread whose core is taken, and a training on 2 cores
+beside one other CPU-bound process ran 10-20 times slower than alone instead of about 2 times
+(docs/performance.md, "Sharing the CPU"). The policy here counts the cores this process may use, the data
+loader's worker processes, and the processes already running (the 1-minute load average, read when the
+run starts), and gives PyTorch the cores that are left, at least one. ``GPCPS_NUM_THREADS`` or an explicit
+``OMP_NUM_THREADS`` overrides it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+__all__ = ["THREADS_ENV", "ThreadChoice", "apply_thread_policy", "choose_threads"]
+
+#: Environment variable that sets the number of intra-op threads outright.
+THREADS_ENV = "GPCPS_NUM_THREADS"
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The number of threads chosen and why, in words."""
+
+    threads: int
+    reason: str
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_threads(
+    loader_workers: int = 0,
+    *,
+    cores: int | None = None,
+    load: float | None = None,
+    environ: dict[str, str] | None = None,
+) -> ThreadChoice:
+    """The number of PyTorch intra-op threads for a CPU training.
+
+    Args:
+        loader_workers: Data-loader worker processes of the run (each takes a core while it loads).
+        cores: Cores this process may use (default: its CPU affinity).
+        load: Processes already running (default: the 1-minute load average).
+        environ: Environment to read ``GPCPS_NUM_THREADS`` and ``OMP_NUM_THREADS`` from (default:
+            ``os.environ``).
+
+    Returns:
+        ``GPCPS_NUM_THREADS`` if set; else ``OMP_NUM_THREADS`` if set; else the cores left after the
+        loader workers and the running processes (rounded up to whole processes), at least 1.
+
+    Raises:
+        ValueError: If ``GPCPS_NUM_THREADS`` is not a positive integer.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(THREADS_ENV):
+        value = env[THREADS_ENV]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}.")
+        return ThreadChoice(int(value), f"{THREADS_ENV}={value}")
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) >= 1:
+        return ThreadChoice(int(env["OMP_NUM_THREADS"]), f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+    cores = _available_cores() if cores is None else cores
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = math.ceil(load - 0.5) if load > 0.5 else 0  # whole processes; 0.5 tolerates idle noise
+    threads = max(1, cores - loader_workers - busy)
+    return ThreadChoice(
+        threads,
+        f"{cores} cores available, {loader_workers} data-loader workers, {busy} other busy processes "
+        f"(load {load:.1f})",
+    )
+
+
+def apply_thread_policy(loader_workers: int = 0, *, announce: bool = True) -> ThreadChoice:
+    """Set PyTorch's intra-op threads by :func:`choose_threads` and, with ``announce``, say so once."""
+    import torch
+
+    choice = choose_threads(loader_workers)
+    torch.set_num_threads(choice.threads)
+    if announce:
+        print(
+            f"gpcps: training with {choice.threads} CPU thread(s): {choice.reason}; set {THREADS_ENV} to "
+            "choose (docs/performance.md).",
+            flush=True,
+        )
+    return choice
