@@ -15,16 +15,15 @@ import random
 import re
 import zipfile
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.loops.loop import _Loop
-from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from gpcps_lightning._lightning_internals import fit_loop_counters, restart_fit_loop
 from gpcps_lightning._utils import atomic_path, import_object, public_class_path
 
 __all__ = [
@@ -114,27 +113,22 @@ def restart_after_finished_epoch(trainer: L.Trainer) -> bool:
     Returns:
         Whether the fit loop was reset.
     """
-    loop = trainer.fit_loop
-    if not loop.restarting or trainer.max_steps == -1:
+    counters = fit_loop_counters(trainer)
+    if not counters.restarting or trainer.max_steps == -1:
         return False
-    # Both trackers are _ProcessedTracker at run time; the attributes are annotated with a base class.
-    epoch = cast(_ProcessedTracker, loop.epoch_progress.current)
-    batches = loop.epoch_loop.batch_progress
-    batch = cast(_ProcessedTracker, batches.current)
     # The epoch loop ran to the epoch's last batch and returned (``processed``); the checkpoint may have
     # been written in ``on_train_epoch_end``, before Lightning counted the epoch ``completed``.
     epoch_ran_out = (
-        epoch.ready == epoch.started == epoch.processed
-        and epoch.completed in (epoch.processed, epoch.processed - 1)
-        and batches.is_last_batch
-        and batch.completed == batch.processed
+        counters.epoch_ready == counters.epoch_started == counters.epoch_processed
+        and counters.epoch_completed in (counters.epoch_processed, counters.epoch_processed - 1)
+        and counters.is_last_batch
+        and counters.batch_completed == counters.batch_processed
     )
     if not epoch_ran_out:
         return False
-    # FitLoop's own setter would force the flag back on under max_steps; the base setter clears it on the
-    # fit loop and its child loops, and reset() then takes the path of a resume without max_steps.
-    _Loop.restarting.fset(loop, False)  # type: ignore[attr-defined]
-    loop.reset()
+    # Clear the restart flag (FitLoop's own setter would force it back on under max_steps) and reset the
+    # loop, which then takes the path of a resume without max_steps.
+    restart_fit_loop(trainer)
     return True
 
 

@@ -44,17 +44,20 @@ from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from gpcps_lightning._lightning_internals import LightningCLIHooks
 from gpcps_lightning._utils import TRACEBACK_ENV, import_object, traceback_requested
 from gpcps_lightning._version import __version__
 from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, PredictionWriter, ValidationImagePanel
 from gpcps_lightning.checkpointing import SafeCheckpointIO, read_checkpoint
 from gpcps_lightning.loggers import quiet_wandb_init, resolve_wandb_mode
 from gpcps_lightning.methods.base import SegmentationModule
+from gpcps_lightning.threads import apply_thread_policy
 
 __all__ = [
     "EXTRA_COMMANDS",
@@ -302,7 +305,7 @@ def reported_error(err: BaseException) -> BaseException | None:
     return None
 
 
-class GPCPSCLI(LightningCLI):
+class GPCPSCLI(LightningCLIHooks):
     """LightningCLI of the library: subclass-mode model and data, library callbacks, W&B without login.
 
     Args:
@@ -348,15 +351,12 @@ class GPCPSCLI(LightningCLI):
         parser.add_lightning_class_args(ValidationImagePanel, "image_panel")
         parser.add_lightning_class_args(LossProgressBar, "progress_bar")
 
-    def _prepare_subcommand_parser(
-        self, klass: type, subcommand: str, **kwargs: Any
-    ) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+    def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
+        """Add ``--prediction_writer.*`` to ``predict`` only."""
         if subcommand == "predict":
             parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
             # Masks are written by the callback; keeping every probability map in memory is not needed.
             parser.set_defaults({"return_predictions": False})
-        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:  # noqa: D102
         # Remember the command line: whether it names a logger decides if validate/test/predict log.
@@ -416,9 +416,29 @@ class GPCPSCLI(LightningCLI):
             if not init_args.get("offline", False):
                 resolve_wandb_mode(init_args.get("save_dir") or init_args.get("dir"))
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # The always-present callbacks must give way when the Trainer switches their feature off, which
-        # Lightning would otherwise reject as a contradiction.
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Instantiate the Trainer with W&B's quiet ``wandb.init`` and the atomic checkpoint I/O plugin."""
+        init = self.config_init.get(str(self.subcommand), self.config_init)
+        config = {**(init.get("trainer") or {}), **kwargs}
+        for logger in _as_list(config.get("logger")):
+            if isinstance(logger, _LightningWandbLogger):
+                quiet_wandb_init(logger)
+        plugins = _as_list(config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            # Atomic writes and clear errors for truncated or foreign checkpoints (docs/errors.md).
+            kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer.accelerator, CPUAccelerator):
+            # PyTorch's one thread per core stalls when another process is busy (docs/performance.md)
+            apply_thread_policy(int(getattr(self.datamodule, "num_workers", 0) or 0))
+        return trainer
+
+    def select_trainer_callbacks(self, config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
+        """Drop the always-present callbacks whose feature the Trainer switches off.
+
+        Lightning would otherwise reject the pair as a contradiction; a progress bar in the config's
+        ``trainer.callbacks`` replaces ``--progress_bar.*``'s.
+        """
         kept = []
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and config.get("enable_checkpointing") is False:
@@ -430,26 +450,16 @@ class GPCPSCLI(LightningCLI):
             ):
                 continue  # the config brings its own progress bar
             kept.append(callback)
-        for logger in _as_list(config.get("logger")):
-            if isinstance(logger, _LightningWandbLogger):
-                quiet_wandb_init(logger)
-        plugins = _as_list(config.get("plugins"))
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            # Atomic writes and clear errors for truncated or foreign checkpoints (docs/errors.md).
-            config = {**config, "plugins": [*plugins, SafeCheckpointIO()]}
-        return super()._instantiate_trainer(config, kept)
+        return kept
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the hyperparameters of --ckpt_path with a bare torch.load, before the checkpoint
-        # I/O plugin sees the file: a truncated or foreign file would fail there with PyTorch's own error.
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            subcommand = self.config.get("subcommand")
-            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path and os.path.isfile(ckpt_path):
-                read_checkpoint(ckpt_path)  # raises the error that names the file and says what to do
-            raise
+    def on_unreadable_ckpt_path(self, ckpt_path: str | None) -> None:
+        """Raise the library's error for a truncated or foreign ``--ckpt_path``.
+
+        Lightning reads the hyperparameters of ``--ckpt_path`` with a bare ``torch.load``, before the
+        checkpoint I/O plugin sees the file, so it would fail with PyTorch's own error.
+        """
+        if ckpt_path and os.path.isfile(ckpt_path):
+            read_checkpoint(ckpt_path)  # raises the error that names the file and says what to do
 
     def _resolve_best(self) -> None:
         subcommand = str(self.subcommand)

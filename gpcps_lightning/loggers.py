@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import WandbLogger
 
+from gpcps_lightning._lightning_internals import pending_wandb_init
+
 __all__ = ["OfflineFallbackWandbLogger", "quiet_wandb_init", "resolve_wandb_mode", "wandb_api_key_configured"]
 
 _DEFAULT_HOST = "https://api.wandb.ai"
@@ -107,8 +109,8 @@ def quiet_wandb_init(logger: WandbLogger) -> None:
     Args:
         logger: The logger, before its run starts (changed in place; a started run is left alone).
     """
-    init = getattr(logger, "_wandb_init", None)  # Lightning's arguments of wandb.init
-    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
+    init = pending_wandb_init(logger)
+    if init is None:
         return
     if init.get("anonymous") is None:
         init.pop("anonymous", None)

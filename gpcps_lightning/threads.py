@@ -4,18 +4,19 @@ PyTorch starts one intra-op thread per core. On a machine where another process 
 parallel operation then waits at its barrier for a thread whose core is taken, and a training on 2 cores
 beside one other CPU-bound process ran 10-20 times slower than alone instead of about 2 times
 (docs/performance.md, "Sharing the CPU"). The policy here counts the cores this process may use, the data
-loader's worker processes, and the processes already running (the 1-minute load average, read when the
-run starts), and gives PyTorch the cores that are left, at least one. ``GPCPS_NUM_THREADS`` or an explicit
+loader's worker processes, and the cores other processes keep busy (measured over a quarter of a second
+from ``/proc/stat`` when the run starts; the 1-minute load average where there is no ``/proc/stat``), and
+gives PyTorch the cores that are left, at least one. ``GPCPS_NUM_THREADS`` or an explicit
 ``OMP_NUM_THREADS`` overrides it.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import time
 from dataclasses import dataclass
 
-__all__ = ["THREADS_ENV", "ThreadChoice", "apply_thread_policy", "choose_threads"]
+__all__ = ["THREADS_ENV", "ThreadChoice", "apply_thread_policy", "busy_cores", "choose_threads"]
 
 #: Environment variable that sets the number of intra-op threads outright.
 THREADS_ENV = "GPCPS_NUM_THREADS"
@@ -36,6 +37,30 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return sum(values), values[3] + values[4]  # all jiffies, idle + iowait
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """Cores kept busy by other processes: machine-wide CPU use over ``interval`` seconds, in cores.
+
+    This process sleeps meanwhile, so its own use does not count (its loader workers are not started
+    yet). Without ``/proc/stat`` (not Linux): the 1-minute load average, which lags by about a minute.
+    """
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(interval)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = total1 - total0
+    if total <= 0:
+        return 0.0
+    return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
+
+
 def choose_threads(
     loader_workers: int = 0,
     *,
@@ -48,7 +73,7 @@ def choose_threads(
     Args:
         loader_workers: Data-loader worker processes of the run (each takes a core while it loads).
         cores: Cores this process may use (default: its CPU affinity).
-        load: Processes already running (default: the 1-minute load average).
+        load: Cores other processes keep busy (default: :func:`busy_cores`).
         environ: Environment to read ``GPCPS_NUM_THREADS`` and ``OMP_NUM_THREADS`` from (default:
             ``os.environ``).
 
@@ -69,13 +94,13 @@ def choose_threads(
         return ThreadChoice(int(env["OMP_NUM_THREADS"]), f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
     cores = _available_cores() if cores is None else cores
     if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    busy = math.ceil(load - 0.5) if load > 0.5 else 0  # whole processes; 0.5 tolerates idle noise
+        load = busy_cores()
+    busy = round(load)
     threads = max(1, cores - loader_workers - busy)
     return ThreadChoice(
         threads,
-        f"{cores} cores available, {loader_workers} data-loader workers, {busy} other busy processes "
-        f"(load {load:.1f})",
+        f"{cores} cores available, {loader_workers} data-loader workers, {busy} kept busy by other "
+        f"processes ({load:.1f} cores in use)",
     )
 
 
@@ -87,7 +112,7 @@ def apply_thread_policy(loader_workers: int = 0, *, announce: bool = True) -> Th
     torch.set_num_threads(choice.threads)
     if announce:
         print(
-            f"gpcps: training with {choice.threads} CPU thread(s): {choice.reason}; set {THREADS_ENV} to "
+            f"gpcps: PyTorch uses {choice.threads} CPU thread(s): {choice.reason}; set {THREADS_ENV} to "
             "choose (docs/performance.md).",
             flush=True,
         )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -37,8 +39,10 @@ RECORD = RECORDS / "fast-cpu" / "gpcps_1of8_seed0.json"
 #: The layers, bottom first: a module may import the package's modules of its own rank or below, never
 #: above.
 RANKS = {
+    "_lightning_internals": 0,
     "_utils": 0,
     "_version": 0,
+    "threads": 0,
     "losses": 1,
     "batch": 1,
     "networks": 1,
@@ -338,3 +342,126 @@ def test_a_checkpoint_stamped_with_a_legacy_class_path_loads_in_full(tmp_path: P
             assert type(module) is GPCPSModule
             for name, value in module.state_dict().items():
                 torch.testing.assert_close(value, data["state_dict"][name])
+
+
+# ---------------------------------------------------------------- Lightning's private API in one module
+INTERNALS = PACKAGE / "_lightning_internals.py"
+
+#: Public attributes whose values are Lightning's private classes (the loops and their progress counters).
+LIGHTNING_PRIVATE_TYPED = frozenset(
+    {"fit_loop", "validate_loop", "test_loop", "predict_loop", "epoch_loop"}
+    | {"batch_progress", "epoch_progress"}
+)
+
+#: The package's own private names that Lightning also uses, each with why it is not Lightning's.
+OWN_PRIVATE_NAMES = {
+    "_evaluation_step": "SegmentationModule's own method; Lightning's is one of its evaluation loop's",
+}
+
+_LIGHTNING_DEFINITION = re.compile(
+    r"\bself\.(_[A-Za-z]\w*)\s*[:=](?!=)"  # an attribute set on an instance
+    r"|\bdef (_[A-Za-z]\w*)\(\s*(?:self|cls)\b"  # a private method
+    r"|^class (_[A-Za-z]\w*)"  # a private class
+    r"|^    (_[A-Za-z]\w*)\s*(?::[^=\n]*)?=(?!=)",  # a class attribute
+    re.MULTILINE,
+)
+
+
+@functools.cache
+def _lightning_private_names() -> frozenset[str]:
+    """The private attributes, methods and classes that the installed Lightning defines."""
+    import lightning
+
+    names = set()
+    for path in Path(lightning.__file__).parent.rglob("*.py"):
+        for match in _LIGHTNING_DEFINITION.finditer(path.read_text(encoding="utf-8")):
+            names.add(next(group for group in match.groups() if group))
+    return frozenset(names)
+
+
+def _lightning_private_uses(source: str) -> list[str]:
+    """Where ``source`` names a private Lightning attribute, method (defined or called) or class."""
+    private = _lightning_private_names() - set(OWN_PRIVATE_NAMES)
+    attributes = private | LIGHTNING_PRIVATE_TYPED
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lightning":
+            found += [f"line {node.lineno}: imports {a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr in attributes:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ClassDef):
+            methods = [f for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            found += [f"line {f.lineno}: overrides {f.name}" for f in methods if f.name in private]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) > 1
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in private
+        ):
+            found.append(f"line {node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in MODULES if p != INTERNALS], ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_only_the_internals_module_uses_lightnings_private_api(path: Path) -> None:
+    """Lightning's private names live in ``_lightning_internals``; the other modules call its functions."""
+    assert _lightning_private_uses(path.read_text()) == [], f"move it to {INTERNALS.relative_to(REPO)}"
+
+
+def test_the_private_api_scan_finds_each_kind_of_use() -> None:
+    assert _lightning_private_uses(INTERNALS.read_text())  # the scan sees what the internals module uses
+    for source in (
+        "x = trainer.fit_loop.epoch_loop._batches_that_stepped",
+        "x = trainer.fit_loop.epoch_progress.current.ready",
+        "from lightning.pytorch.loops.loop import _Loop",
+        "x = module._trainer",
+        "x = getattr(logger, '_wandb_init', None)",
+        "class C(ModelCheckpoint):\n    def _save_last_checkpoint(self, trainer, candidates): ...",
+    ):
+        assert _lightning_private_uses(source), source
+    assert _lightning_private_uses("self._command_line = None\nx = module.trainer") == []
+
+
+# ---------------------------------------------------------------- the map matches the house
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+
+
+def _layer_table() -> str:
+    """The layer table of docs/architecture.md (its first fenced block)."""
+    return ARCHITECTURE.read_text().split("```")[1]
+
+
+def test_every_layer_of_the_doc_has_the_tests_rank() -> None:
+    """The doc's table names every package and top-level module at its rank in ``RANKS``, and no other."""
+    lines = [line for line in _layer_table().splitlines() if line.strip()]
+    # The columns: "rank N", the modules and packages, what they hold (the first row fixes the widths).
+    first = re.match(r"(\s*rank [\d-]+\s+)(\S.*?\s{2,})\S", lines[0])
+    assert first, lines[0]
+    names_at, about_at = len(first[1]), len(first[1]) + len(first[2])
+    ranks: dict[str, tuple[int, int]] = {}
+    rank = (-1, -1)
+    for line in lines:
+        head = re.match(r"\s*rank (\d)(?:-(\d))?", line[:names_at])
+        if head:
+            rank = (int(head[1]), int(head[2] or head[1]))
+        for name in filter(None, (n.strip() for n in line[names_at:about_at].split(","))):
+            ranks[name.removesuffix("/").removesuffix(".py")] = rank
+    assert set(ranks) == set(RANKS), (sorted(set(ranks) - set(RANKS)), sorted(set(RANKS) - set(ranks)))
+    for name, (low, high) in ranks.items():
+        assert low <= RANKS[name] <= high, f"{name}: rank {RANKS[name]} in RANKS, {low}-{high} in the doc"
+
+
+def test_every_module_is_in_the_docs_map() -> None:
+    """Every module of the package and of its subpackages, and every nested package, is in the table."""
+    words = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", _layer_table()))
+    missing = []
+    for path in MODULES:
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = parts[1] if len(parts) > 2 else parts[-1]  # a nested package is named by its folder
+        if name != "__init__" and name not in words:
+            missing.append(str(path.relative_to(PACKAGE)))
+    assert missing == [], f"add them to the table of {ARCHITECTURE.relative_to(REPO)}"

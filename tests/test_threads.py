@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpcps_lightning.threads import apply_thread_policy, choose_threads
+from gpcps_lightning.threads import apply_thread_policy, busy_cores, choose_threads
 
 
 def test_threads_are_the_cores_left_by_loader_workers_and_busy_processes() -> None:
@@ -16,7 +16,22 @@ def test_threads_are_the_cores_left_by_loader_workers_and_busy_processes() -> No
     # never fewer than one
     assert choose_threads(2, cores=2, load=3.0, environ={}).threads == 1
     reason = choose_threads(1, cores=8, load=2.7, environ={}).reason
-    assert "8 cores" in reason and "1 data-loader workers" in reason and "3 other busy" in reason
+    assert "8 cores" in reason and "1 data-loader workers" in reason and "3 kept busy" in reason
+
+
+def test_busy_cores_is_the_machines_cpu_use_in_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpcps_lightning.threads as threads
+
+    # /proc/stat's first line summed, and its idle + iowait, before and after the interval: 100 jiffies
+    # passed, 50 of them idle, on 2 CPUs -> one core busy
+    readings = iter([(1000, 600), (1100, 650)])
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(readings))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    assert busy_cores(0.0) == pytest.approx(1.0)
+    # no /proc/stat: the load average
+    monkeypatch.setattr(threads, "_cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert busy_cores(0.0) == 1.5
 
 
 def test_the_environment_overrides_the_policy() -> None:
@@ -37,6 +52,6 @@ def test_apply_sets_torch_threads_and_says_so_once(
     try:
         choice = apply_thread_policy(0)
         assert choice.threads == torch.get_num_threads() == 1
-        assert capsys.readouterr().out.count("training with 1 CPU thread(s): GPCPS_NUM_THREADS=1") == 1
+        assert capsys.readouterr().out.count("PyTorch uses 1 CPU thread(s): GPCPS_NUM_THREADS=1") == 1
     finally:
         torch.set_num_threads(before)

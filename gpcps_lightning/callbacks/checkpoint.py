@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
+
+from gpcps_lightning._lightning_internals import ModelCheckpointHooks
 
 __all__ = ["BestCheckpoint", "selection_head"]
 
@@ -31,7 +30,7 @@ def selection_head(pl_module: L.LightningModule) -> str:
     return str(names[0])
 
 
-class BestCheckpoint(ModelCheckpoint):
+class BestCheckpoint(ModelCheckpointHooks):
     """Keep the best checkpoint by validation Dice of the selection head, plus ``last.ckpt``.
 
     The monitored key is ``val/dice_<head>`` with ``<head>`` from :func:`selection_head` (``ensemble`` for
@@ -92,8 +91,7 @@ class BestCheckpoint(ModelCheckpoint):
     def resolve_dirpath(self, trainer: L.Trainer) -> str:
         """Fix the checkpoint folder (``<default_root_dir>/checkpoints`` unless ``dirpath`` was given)."""
         if self.dirpath is None:
-            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
-            self._fs = get_filesystem(self.dirpath)
+            self.set_dirpath(os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints")))
         return str(self.dirpath)
 
     def find_best_checkpoint(self, trainer: L.Trainer) -> str | None:
@@ -116,13 +114,12 @@ class BestCheckpoint(ModelCheckpoint):
             self.monitor = f"val/dice_{selection_head(pl_module)}"
         super().setup(trainer, pl_module, stage)
 
-    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        # Called for ckpt_path="last" before `setup`: the folder must already be the fixed one.
+    def before_find_last_checkpoints(self, trainer: L.Trainer) -> None:
+        """Fix the folder: ``ckpt_path="last"`` looks for ``last.ckpt`` before ``setup``."""
         self.resolve_dirpath(trainer)
-        return super()._find_last_checkpoints(trainer)
 
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
+    def after_save_last_checkpoint(self, trainer: L.Trainer) -> None:
+        """Remember the step of the last ``last.ckpt``."""
         if self.save_last:
             self._last_saved_step = trainer.global_step
 
@@ -138,16 +135,16 @@ class BestCheckpoint(ModelCheckpoint):
             or trainer.global_step == 0
         ):
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.save_last_checkpoint(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        if not self.saves_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if self.saves_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

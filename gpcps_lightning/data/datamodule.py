@@ -24,6 +24,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from gpcps_lightning._lightning_internals import fit_loop_counters
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
 from gpcps_lightning.data.datasets import (
     CompactEvaluationBatch,
@@ -476,11 +477,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         # The batch counters belong to the last epoch that started (the checkpoint may be written after
         # Lightning already counted that epoch as completed). "processed": the step ran; its end-of-batch
         # hooks, where mid-epoch checkpoints are written, may still be running.
-        loop = trainer.fit_loop
-        epoch = max(loop.epoch_progress.current.ready - 1, 0)
-        current = loop.epoch_loop.batch_progress.current
-        done = getattr(current, "processed", current.completed)
-        state = {"epoch": int(epoch), "steps_done": int(done), "seed": self.seed}
+        counters = fit_loop_counters(trainer)
+        epoch = max(counters.epoch_ready - 1, 0)
+        state = {"epoch": int(epoch), "steps_done": int(counters.batch_processed), "seed": self.seed}
         length = trainer.num_training_batches
         if isinstance(length, int) or (isinstance(length, float) and math.isfinite(length)):
             state["epoch_length"] = int(length)

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
+from gpcps_lightning._lightning_internals import attached_trainer
 from gpcps_lightning._utils import atomic_path, traceback_requested
 from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch
@@ -439,7 +440,8 @@ def _scoring(
     module: SegmentationModule, threshold: float | None, device: torch.device
 ) -> Iterator[nn.ModuleDict]:
     """Swap the module's test metrics for per-image recorders; restore the module afterwards."""
-    saved_metrics, saved_threshold, saved_trainer = module.test_metrics, module.threshold, module._trainer
+    saved_metrics, saved_threshold = module.test_metrics, module.threshold
+    saved_trainer = attached_trainer(module)
     was_training = module.training
     recorders = nn.ModuleDict({h: _PerImageMetrics() for h in module.head_names}).to(device)
     module.test_metrics = recorders

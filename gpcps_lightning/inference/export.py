@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gpcps_lightning._lightning_internals import jit_scripting
 from gpcps_lightning._utils import atomic_path, size_pair
 from gpcps_lightning.checkpointing import read_checkpoint
 from gpcps_lightning.inference.predict import (
@@ -92,14 +93,13 @@ class ExportedHead(nn.Module):
 @contextlib.contextmanager
 def _exporting(module: SegmentationModule) -> Iterator[None]:
     # Tracers probe every attribute; a LightningModule's `trainer` property raises when no Trainer is
-    # attached unless this flag (Lightning's own, set by LightningModule.to_torchscript) is on.
-    was_training, flag = module.training, getattr(module, "_jit_is_scripting", False)
+    # attached unless Lightning's scripting flag (set by LightningModule.to_torchscript) is on.
+    was_training = module.training
     module.eval()
-    module._jit_is_scripting = True
     try:
-        yield
+        with jit_scripting(module):
+            yield
     finally:
-        module._jit_is_scripting = flag
         module.train(was_training)
 
 

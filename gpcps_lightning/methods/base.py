@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
+from gpcps_lightning._lightning_internals import attached_trainer
 from gpcps_lightning._utils import public_class_path, resize_to_original_sizes
 from gpcps_lightning._version import __version__
 from gpcps_lightning.batch import EvaluationBatch, PredictionBatch, SemiSupervisedBatch
@@ -389,7 +390,7 @@ class SegmentationModule(ManualStepModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random-number states when a Trainer resumes fitting from ``checkpoint``."""
         rng = (checkpoint.get(CHECKPOINT_KEY) or {}).get("rng")
-        if rng and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+        if rng and attached_trainer(self) is not None and self.trainer.state.fn == TrainerFn.FITTING:
             restore_rng_state(rng)
 
     @classmethod

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from gpcps_lightning._lightning_internals import attached_trainer
+
 __all__ = ["ManualStepModule"]
 
 
@@ -38,7 +40,7 @@ class ManualStepModule(L.LightningModule):
 
     def active_grad_scaler(self) -> torch.amp.GradScaler | None:
         """The Trainer's fp16 gradient scaler, or ``None`` (fp32, bf16, or no Trainer attached)."""
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return None
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return scaler if isinstance(scaler, torch.amp.GradScaler) else None
@@ -96,7 +98,7 @@ class ManualStepModule(L.LightningModule):
         if nonfinite_flag is not None:
             values["penalty input gradient"] = nonfinite_flag.detach().float().reshape(())
         finite = bool(torch.isfinite(torch.stack(list(values.values()))).all())
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return True
