@@ -3,7 +3,8 @@
 :class:`RandomSquaresDataModule` follows the datamodule contract of the library (the batch classes of
 :mod:`gpcps_lightning.batch`, ``mean``/``std``/``image_size``, ``denormalize``, ``predict_dir``) with
 generated images: a brighter square on noise. It trains in seconds on a CPU and needs no files, which
-is what configs in tests want; use :mod:`gpcps_lightning.data` for real data.
+is what configs and trainings in tests want (the library's own tests use no other generated datamodule);
+use :mod:`gpcps_lightning.data` for real data.
 
 The W&B log reader is :func:`gpcps_lightning.tools.wandb_reader.read_wandb_run`.
 """
@@ -77,8 +78,12 @@ class RandomSquaresDataModule(L.LightningDataModule):
         num_train: Training images per epoch (each step takes a labeled and an unlabeled batch).
         num_val: Validation (and test) images.
         seed: Seed of the generated images.
-        mean: Per-channel normalisation mean.
-        std: Per-channel normalisation standard deviation.
+        shuffle: Whether the training images come in a new order every epoch (``False``: in index order,
+            so that a run resumed mid-epoch sees the batches the uninterrupted one saw).
+        mean: Per-channel normalisation mean. ``None`` here or in ``std`` leaves the images in [0, 1] and
+            gives the datamodule no statistics (both attributes ``None``), so that no module checks its own
+            normalisation against them.
+        std: Per-channel normalisation standard deviation, or ``None``.
         predict_dir: Folder of images of any size to segment in ``predict``.
         eval_original_sizes: Sizes ``(h, w)`` to which validation masks are resized, cycled over the
             images, so metrics are computed "at the original size" as with real data (empty: at the
@@ -92,8 +97,9 @@ class RandomSquaresDataModule(L.LightningDataModule):
         num_train: int = 8,
         num_val: int = 4,
         seed: int = 0,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
+        shuffle: bool = True,
+        mean: Sequence[float] | None = (0.5, 0.5, 0.5),
+        std: Sequence[float] | None = (0.25, 0.25, 0.25),
         predict_dir: str | None = None,
         eval_original_sizes: Sequence[tuple[int, int]] = (),
     ) -> None:
@@ -101,12 +107,17 @@ class RandomSquaresDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.image_size = image_size
-        self.num_train, self.num_val, self.seed = num_train, num_val, seed
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_train, self.num_val, self.seed, self.shuffle = num_train, num_val, seed, shuffle
+        self.mean: tuple[float, ...] | None = None  # no statistics: the images stay in [0, 1]
+        self.std: tuple[float, ...] | None = None
+        if mean is not None and std is not None:
+            self.mean, self.std = tuple(mean), tuple(std)
         self.predict_dir = predict_dir
         self.eval_original_sizes = [tuple(s) for s in eval_original_sizes]
 
     def _normalize(self, x: Tensor) -> Tensor:
+        if self.mean is None or self.std is None:
+            return x
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -117,6 +128,8 @@ class RandomSquaresDataModule(L.LightningDataModule):
         Shape:
             - images: (N, 3, H, W)
         """
+        if self.mean is None or self.std is None:
+            return images.clamp(0.0, 1.0)
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         return (images * std + mean).clamp(0.0, 1.0)
@@ -154,7 +167,11 @@ class RandomSquaresDataModule(L.LightningDataModule):
         data = _Squares(self.num_train, self.image_size, self.seed)
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            data, batch_size=self.batch_size, shuffle=True, generator=g, collate_fn=self._collate_train
+            data,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=g,
+            collate_fn=self._collate_train,
         )
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
@@ -166,7 +183,8 @@ class RandomSquaresDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:  # noqa: D102
         if self.predict_dir is None:
             raise ValueError("Set `predict_dir` (--data.predict_dir) to the folder of images to segment.")
-        preprocessing = Preprocessing(self.image_size, self.mean, self.std)
+        mean, std = (self.mean, self.std) if self.mean and self.std else ((0.0,) * 3, (1.0,) * 3)
+        preprocessing = Preprocessing(self.image_size, mean, std)
         data = _Folder(list_images(self.predict_dir), preprocessing)
         return DataLoader(data, batch_size=self.batch_size, collate_fn=self._collate_predict)
 

@@ -8,10 +8,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from gpcps_lightning import SyntheticPolypDataModule
-from gpcps_lightning.batch import EvaluationBatch, SemiSupervisedBatch
+from gpcps_lightning.batch import SemiSupervisedBatch
+from gpcps_lightning.testing import RandomSquaresDataModule
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -82,48 +82,22 @@ def random_semi_batch(n: int = 2, size: int = 32, seed: int = 0) -> SemiSupervis
     return SemiSupervisedBatch(labeled=labeled, mask=mask, unlabeled=unlabeled)
 
 
-class _SemiSet(Dataset):
-    def __init__(self, length: int, size: int) -> None:
-        self.length, self.size = length, size
+class RandomSemiDataModule(RandomSquaresDataModule):
+    """:class:`~gpcps_lightning.testing.RandomSquaresDataModule` as the tests' trainings use it.
 
-    def __len__(self) -> int:
-        return self.length
+    The training images come in index order (a resumed run sees the same batches without restoring a
+    sampler) and, unless ``mean``/``std`` are given, unnormalised in [0, 1] with no statistics, so that
+    modules that check their normalisation against the datamodule's (UniMatch) accept it.
+    """
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(i)
-        img = torch.rand(3, self.size, self.size, generator=g)
-        mask = torch.zeros(1, self.size, self.size)
-        c = self.size // 4
-        mask[:, c : 3 * c, c : 3 * c] = 1.0
-        img = img * 0.5 + mask * 0.5  # the square is brighter: something to learn
-        return img, mask, torch.rand(3, self.size, self.size, generator=g)
-
-
-def _collate_semi(items: list[tuple[torch.Tensor, ...]]) -> SemiSupervisedBatch:
-    labeled, mask, unlabeled = (torch.stack(x) for x in zip(*items, strict=True))
-    return SemiSupervisedBatch(labeled=labeled, mask=mask, unlabeled=unlabeled)
-
-
-def _collate_eval(items: list[tuple[torch.Tensor, ...]]) -> EvaluationBatch:
-    image, mask, _ = (torch.stack(x) for x in zip(*items, strict=True))
-    return EvaluationBatch(
-        image=image, mask=mask, original_masks=None, names=[str(i) for i in range(len(items))]
-    )
-
-
-class RandomSemiDataModule(L.LightningDataModule):
-    """A minimal in-test datamodule yielding SemiSupervisedBatch / EvaluationBatch."""
-
-    def __init__(self, size: int = 32, batch_size: int = 2, length: int = 8) -> None:
-        super().__init__()
-        self.size, self.batch_size, self.length = size, batch_size, length
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            _SemiSet(self.length, self.size), batch_size=self.batch_size, collate_fn=_collate_semi
+    def __init__(
+        self,
+        size: int = 32,
+        batch_size: int = 2,
+        length: int = 8,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size, image_size=size, num_train=length, shuffle=False, mean=mean, std=std
         )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(_SemiSet(4, self.size), batch_size=self.batch_size, collate_fn=_collate_eval)
-
-    test_dataloader = val_dataloader

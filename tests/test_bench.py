@@ -195,6 +195,7 @@ def test_main_returns_2_on_a_bad_value(capsys: pytest.CaptureFixture[str]) -> No
 
 
 # ----------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_benchmark_all_kinds_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     argv = [*TINY_ARGS, "--steps", "3", "--warmup", "1", "--k", "2", "--isolate", "no", "--quiet"]
@@ -237,6 +238,7 @@ def test_benchmark_all_kinds_in_process(tmp_path: Path, capsys: pytest.CaptureFi
     assert report["environment"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_python_m_runs_the_command_line() -> None:
     # The package runs through its __main__.
     cmd = [sys.executable, "-m", "gpcps_lightning.tools.bench", "--help"]
@@ -255,6 +257,7 @@ def test_worker_imports_this_copy_of_the_package() -> None:
     )
 
 
+@pytest.mark.slow
 def test_benchmark_isolated_worker_subprocess() -> None:
     # On the CPU each kind runs in a fresh process so that peak RSS is its own.
     report = bench.run_benchmark(tiny_config(), ["supervised"], isolate=True)
@@ -324,6 +327,7 @@ def _load_gpu_check() -> Any:
     return module
 
 
+@pytest.mark.slow
 def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     gpu_check = _load_gpu_check()
     argv = [
@@ -468,6 +472,7 @@ def test_nonfinite_flag_reaches_every_gradient(tiny_net: dict[str, Any], flag: f
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_other_methods_are_benchmarked_on_request() -> None:
     kinds = ["supervised", "cps", *bench.METHOD_KINDS]
     report = bench.run_benchmark(tiny_config(), kinds, isolate=False)

@@ -59,6 +59,7 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"gpcps_lightning {__version__}"
 
 
+@pytest.mark.slow
 def test_python_dash_m_version() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     out = subprocess.run(
@@ -438,6 +439,7 @@ def _load_example(name: str) -> types.ModuleType:
     return module
 
 
+@pytest.mark.slow
 def test_train_own_project_example(tmp_path: Path) -> None:
     example = _load_example("train_own_project")
     args = [

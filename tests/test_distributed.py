@@ -49,6 +49,7 @@ def _assert_grads_close(reference: GPCPSModule, grads: dict[str, torch.Tensor]) 
     assert compared > 20
 
 
+@pytest.mark.slow
 def test_ddp_gradients_equal_the_mean_of_per_rank_losses(tmp_path: Path) -> None:
     _run_worker(tmp_path)
     batches = [_load(tmp_path, f"batch_rank{r}.pt") for r in range(2)]
@@ -90,6 +91,7 @@ def _reference_loss_with_global_batch_statistics(module: GPCPSModule, batches: l
     return sum(totals) / len(totals)
 
 
+@pytest.mark.slow
 def test_ddp_with_gradient_sync_batchnorm_matches_global_batch_statistics(tmp_path: Path) -> None:
     _run_worker(tmp_path, "--sync-batchnorm")
     batches = [_load(tmp_path, f"batch_rank{r}.pt") for r in range(2)]
@@ -127,6 +129,7 @@ def test_gradient_sync_batchnorm_refuses_other_norm_layers() -> None:
         GradientSyncBatchNorm().apply(model)
 
 
+@pytest.mark.slow
 def test_ddp_ranks_draw_distinct_training_samples_and_every_validation_image_once(tmp_path: Path) -> None:
     _run_worker(tmp_path, str(tmp_path / "data"), script=WORKER.parent / "ddp_data.py")
     ranks = [_load(tmp_path, f"sampler_rank{r}.pt") for r in range(2)]

@@ -89,6 +89,11 @@ def _data_args(config: dict, tmp_path: Path) -> list[str]:
     return []
 
 
+#: The configs run in the default test tier: a standalone one and an override on the Kvasir-SEG base.
+#: Every other config runs in the slow tier (``pytest -m slow``).
+FAST_CASES = {CONFIGS / "quickstart.yaml", METHOD_CONFIGS / "gpcps.yaml"}
+
+
 def _cases() -> list[pytest.param]:
     cases = []
     for path in _all_configs():
@@ -97,7 +102,8 @@ def _cases() -> list[pytest.param]:
             # test_stpp_runs_through_the_runner_and_its_record_is_tested_like_any_other runs the shipped one.
             continue
         files = [KVASIR_BASE, path] if _is_override(path) else [path]
-        cases.append(pytest.param(files, id=str(path.relative_to(REPO))))
+        marks = () if path in FAST_CASES else pytest.mark.slow
+        cases.append(pytest.param(files, id=str(path.relative_to(REPO)), marks=marks))
     return cases
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpcps_lightning import GPCPSModule
+from gpcps_lightning.checkpointing import CHECKPOINT_KEY
 from gpcps_lightning.inference.export import ExportedHead, export_onnx, export_torchscript, main
 from gpcps_lightning.inference.predict import Preprocessing
 
@@ -110,6 +111,7 @@ def test_gpcps_export_command(
         "state_dict": module.state_dict(),
         "hyper_parameters": {**module.hparams, "_class_path": "gpcps_lightning.GPCPSModule"},
         "datamodule_hyper_parameters": {"image_size": 32, "mean": list(PRE.mean), "std": list(PRE.std)},
+        CHECKPOINT_KEY: {"class": "gpcps_lightning.GPCPSModule"},
     }
     torch.save(ckpt, tmp_path / "best.ckpt")
     assert (

@@ -65,6 +65,7 @@ def _weights(module: L.LightningModule) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_fp16_penalty_changes_the_training_update(
     device: str, tiny_trainer: Callable[..., L.Trainer]
 ) -> None:
@@ -83,6 +84,7 @@ def test_fp16_penalty_changes_the_training_update(
     assert not torch.equal(results[0.0], results[LAMBDA_GRAD])
 
 
+@pytest.mark.slow
 def test_fp16_skipped_step_is_reported_and_mean_teacher_keeps_its_teacher(
     monkeypatch: pytest.MonkeyPatch, tiny_trainer: Callable[..., L.Trainer]
 ) -> None:

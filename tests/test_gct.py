@@ -462,7 +462,9 @@ def test_fd_weight_scales_the_detector_gradient() -> None:
     torch.testing.assert_close(detector_grad(20.0), 2.0 * detector_grad(10.0))
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize(
+    "precision", ["32-true", "bf16-mixed", pytest.param("16-mixed", marks=pytest.mark.slow)]
+)  # fp16 on a CPU is slow
 def test_trains_validates_and_round_trips(tmp_path: Path, precision: str, tiny_trainer: Any) -> None:
     torch.manual_seed(0)
     module = GCTModule(**_net(lr=1e-2, rampup_steps=2))

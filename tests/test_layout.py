@@ -178,6 +178,7 @@ def test_no_module_serves_deprecated_names() -> None:
     assert not hasattr(importlib.import_module("gpcps_lightning._utils"), "moved_attribute")
 
 
+@pytest.mark.slow  # three interpreter subprocesses
 def test_python_m_of_the_removed_modules_fails_and_the_tools_run() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "gpcps_lightning.reproduce", "--help"],

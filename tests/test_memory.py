@@ -91,7 +91,12 @@ class _LeakyGPCPS(GPCPSModule):
 
 
 @pytest.mark.parametrize(
-    ("precision", "gp_every_n_steps"), [("32-true", 1), ("bf16-mixed", 1), ("32-true", 4)]
+    ("precision", "gp_every_n_steps"),
+    [
+        ("32-true", 1),
+        pytest.param("bf16-mixed", 1, marks=pytest.mark.slow),  # 30 steps each
+        pytest.param("32-true", 4, marks=pytest.mark.slow),
+    ],
 )
 def test_no_tensor_outlives_its_step(tiny_net: dict[str, Any], precision: str, gp_every_n_steps: int) -> None:
     steps = 30

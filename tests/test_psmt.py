@@ -638,6 +638,7 @@ def test_teachers_are_moving_averages_of_the_student(tiny_trainer: Callable[...,
         assert _distance(teacher, module.student) < 0.1 * unrelated
 
 
+@pytest.mark.slow
 def test_teachers_predict_like_the_student_on_generated_data(
     tmp_path: Path, tiny_trainer: Callable[..., L.Trainer]
 ) -> None:

@@ -180,6 +180,7 @@ def _cli_fit(root: Path, out: Path, limit: str, *args: str) -> GPCPSCLI:
     "ignore:.*callbacks used to create the checkpoint need to be provided.*",
 )
 @pytest.mark.parametrize(("limit", "epoch_steps"), [("3", 3), ("0.5", 4)])
+@pytest.mark.slow  # five CLI trainings per case; the resume tests above stay in the default tier
 def test_cli_resume_with_limit_train_batches_is_bit_identical(
     data_root: Path, tmp_path: Path, limit: str, epoch_steps: int
 ) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from conftest import TINY_NET, RandomSemiDataModule
 
@@ -38,6 +39,7 @@ class _Probe(L.Callback):
         self.rss.append(_rss_mib())
 
 
+@pytest.mark.slow
 def test_long_run_with_frequent_validation_and_checkpoints(
     tmp_path: Path, tiny_trainer: Callable[..., L.Trainer]
 ) -> None:

@@ -414,17 +414,16 @@ def test_fits_two_steps_and_round_trips(tmp_path: Path, precision: str, tiny_tra
         torch.testing.assert_close(module(images), restored(images))
 
 
-class _DataWithStats(RandomSemiDataModule):
-    mean = (0.5, 0.5, 0.5)
-    std = (0.25, 0.25, 0.25)
+_MEAN, _STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def test_normalisation_must_match_the_datamodules(tmp_path: Path, tiny_trainer: Any) -> None:
     trainer: L.Trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="differ from the datamodule's `mean`/`std`"):
-        trainer.fit(UniMatchModule(**_net()), datamodule=_DataWithStats())
-    module = UniMatchModule(**_net(image_mean=_DataWithStats.mean, image_std=_DataWithStats.std))
-    tiny_trainer(default_root_dir=tmp_path, max_steps=1).fit(module, datamodule=_DataWithStats())
+        trainer.fit(UniMatchModule(**_net()), datamodule=RandomSemiDataModule(mean=_MEAN, std=_STD))
+    module = UniMatchModule(**_net(image_mean=_MEAN, image_std=_STD))
+    data = RandomSemiDataModule(mean=_MEAN, std=_STD)
+    tiny_trainer(default_root_dir=tmp_path, max_steps=1).fit(module, datamodule=data)
 
 
 def test_binary_objective_equals_the_two_channel_softmax_one() -> None:
