@@ -14,6 +14,9 @@ from gpcps_lightning.batch import SemiSupervisedBatch
 from gpcps_lightning.testing import RandomSquaresDataModule
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# The CLI's thread policy measures how busy the machine is; tests must not depend on load, so they keep
+# PyTorch's thread count (and skip the measurement). tests/test_threads.py tests the policy itself.
+os.environ.setdefault("GPCPS_NUM_THREADS", str(torch.get_num_threads()))
 
 #: A small, fast network for tests: timm ResNet-18 cut to three stages (timm drops the
 #: unused ones), narrow decoder.

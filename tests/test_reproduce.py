@@ -1035,7 +1035,9 @@ def test_validation_only_runs_never_read_the_test_split_and_make_pilot_tables(tm
     config = tmp_path / "sup.yaml"
     config.write_text("model:\n  class_path: gpcps_lightning.SupervisedModule\n")
     out, data = tmp_path / "pilot", tmp_path / "data"
+    # one run: the method config alone (no --methods)
     args = _run_args(out, data, config, "--validation-only", "--lr-schedule", "cosine")
+    args = [a for a in args if a not in ("--methods", "supervised")]
     assert main(args) == 0
     (record,) = [r for r in load_records(out) if r["method"] == "sup"]
     assert record["test"] is None and record["test_images"] is None and record["val"]
