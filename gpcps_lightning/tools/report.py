@@ -22,7 +22,7 @@ import math
 import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,22 @@ def _commits(record: Mapping[str, Any]) -> list[str]:
     return out or ["–"]
 
 
+def _seed_pairs(
+    rows: Sequence[_Row], fractions: Sequence[float]
+) -> Iterator[tuple[float, _Row, dict[int, dict[str, Any]], _Row, dict[int, dict[str, Any]], list[int]]]:
+    """Every pair of rows of one protocol sharing seeds at a fraction: the later row minus the earlier.
+
+    Yields ``(fraction, earlier row, its records by seed, later row, its records by seed, shared seeds)``.
+    """
+    for f in fractions:
+        at = [(row, {r["seed"]: r for r in row.at(f)}) for row in rows if row.at(f)]
+        for i, (earlier, early) in enumerate(at):
+            for later, late in at[i + 1 :]:
+                shared = sorted(early.keys() & late.keys())
+                if shared and _protocol(late[shared[0]]) == _protocol(early[shared[0]]):
+                    yield f, earlier, early, later, late, shared
+
+
 def _final_val(record: Mapping[str, Any]) -> float | None:
     """The selection head's last validation Dice (%) during training, from the record's curve."""
     values = (record.get("val_curve") or {}).get(f"dice_{record['selection_head']}") or []
@@ -475,25 +491,19 @@ def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
         "| fraction | difference | shared seeds | per seed | mean | 95% t interval over seeds |",
         "|---|---|---|---|---|---|",
     ]
-    for f in fractions:
-        at = [(row, {r["seed"]: r for r in row.at(f)}) for row in rows if row.at(f)]
-        for i, (earlier, early) in enumerate(at):
-            for later, late in at[i + 1 :]:
-                shared = sorted(early.keys() & late.keys())
-                if not shared or _protocol(late[shared[0]]) != _protocol(early[shared[0]]):
-                    continue
-                diffs = [_final_val(late[s]) - _final_val(early[s]) for s in shared]  # type: ignore[operator]
-                mean = statistics.fmean(diffs)
-                interval = "– (one seed)"
-                if len(diffs) > 1:
-                    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-                    interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
-                per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
-                name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
-                lines.append(
-                    f"| {_fraction_name(f)} | {name} | {', '.join(map(str, shared))} | {per_seed} | "
-                    f"{mean:+.2f} | {interval} |"
-                )
+    for f, earlier, early, later, late, shared in _seed_pairs(rows, fractions):
+        diffs = [_final_val(late[s]) - _final_val(early[s]) for s in shared]  # type: ignore[operator]
+        mean = statistics.fmean(diffs)
+        interval = "– (one seed)"
+        if len(diffs) > 1:
+            half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
+        name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
+        lines.append(
+            f"| {_fraction_name(f)} | {name} | {', '.join(map(str, shared))} | {per_seed} | "
+            f"{mean:+.2f} | {interval} |"
+        )
     lines += _settings_table(rows)
     lines += _flagged_table(rows)
     lines += _code_table(records)
@@ -521,41 +531,31 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
         "|---|---|---|---|---|---|---|---|---|",
     ]
     found = 0
-    for f in fractions:
-        at = [(row, {r["seed"]: r for r in row.at(f)}) for row in rows if row.at(f)]
-        for i, (earlier, early) in enumerate(at):
-            for later, late in at[i + 1 :]:
-                shared = sorted(early.keys() & late.keys())
-                if not shared or _protocol(late[shared[0]]) != _protocol(early[shared[0]]):
-                    continue
-                found += 1
-                diffs = [_dice(late[s]) - _dice(early[s]) for s in shared]
-                mean = statistics.fmean(diffs)
-                pair_early, pair_late = [early[s] for s in shared], [late[s] for s in shared]
-                images = _image_differences(pair_early, pair_late)
-                if len(diffs) > 1:
-                    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-                    interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
-                    both = (
-                        "–"
-                        if images is None
-                        else "[{:+.2f}, {:+.2f}]".format(*combined_interval(diffs, images))
-                    )
-                else:
-                    interval = both = "– (one seed)"
-                per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
-                name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
-                if (earlier.method, later.method) in PLANNED_COMPARISONS:
-                    name = f"**planned:** {name}"
-                seeds = ", ".join(str(s) for s in shared)
-                boot = _paired_image_bootstrap(pair_early, pair_late)
-                boot_text = "–" if boot is None else f"[{boot[0]:+.1f}, {boot[1]:+.1f}]"
-                commits = sorted({c for r in pair_early + pair_late for c in _commits(r)})
-                commit_text = ", ".join(commits) if len(commits) > 1 else ""
-                lines.append(
-                    f"| {_fraction_name(f)} | {name} | {seeds} | {per_seed} | {mean:+.2f} | {both} "
-                    f"| {interval} | {boot_text} | {commit_text} |"
-                )
+    for f, earlier, early, later, late, shared in _seed_pairs(rows, fractions):
+        found += 1
+        diffs = [_dice(late[s]) - _dice(early[s]) for s in shared]
+        mean = statistics.fmean(diffs)
+        pair_early, pair_late = [early[s] for s in shared], [late[s] for s in shared]
+        images = _image_differences(pair_early, pair_late)
+        if len(diffs) > 1:
+            half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+            both = "–" if images is None else "[{:+.2f}, {:+.2f}]".format(*combined_interval(diffs, images))
+        else:
+            interval = both = "– (one seed)"
+        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
+        name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
+        if (earlier.method, later.method) in PLANNED_COMPARISONS:
+            name = f"**planned:** {name}"
+        seeds = ", ".join(str(s) for s in shared)
+        boot = _paired_image_bootstrap(pair_early, pair_late)
+        boot_text = "–" if boot is None else f"[{boot[0]:+.1f}, {boot[1]:+.1f}]"
+        commits = sorted({c for r in pair_early + pair_late for c in _commits(r)})
+        commit_text = ", ".join(commits) if len(commits) > 1 else ""
+        lines.append(
+            f"| {_fraction_name(f)} | {name} | {seeds} | {per_seed} | {mean:+.2f} | {both} "
+            f"| {interval} | {boot_text} | {commit_text} |"
+        )
     if not found:
         lines.append("| – | no two rows of one protocol share a seed | | | | | | | |")
     else:
