@@ -491,7 +491,10 @@ def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
         "| fraction | difference | shared seeds | per seed | mean | 95% t interval over seeds |",
         "|---|---|---|---|---|---|",
     ]
-    for f, earlier, early, later, late, shared in _seed_pairs(rows, fractions):
+    pairs = list(_seed_pairs(rows, fractions))
+    if not pairs:
+        lines.append("| – | no two rows of one protocol share a seed yet | | | | |")
+    for f, earlier, early, later, late, shared in pairs:
         diffs = [_final_val(late[s]) - _final_val(early[s]) for s in shared]  # type: ignore[operator]
         mean = statistics.fmean(diffs)
         interval = "– (one seed)"
