@@ -54,6 +54,22 @@ def tiny_trainer(**overrides: Any) -> L.Trainer:
     return L.Trainer(**{**QUIET_TRAINER, **overrides})
 
 
+def checkpointing_trainer(root: Path, **overrides: Any) -> L.Trainer:
+    """A one-step :func:`tiny_trainer` writing ``last.ckpt`` into ``root`` (the library's checkpoint I/O)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpcps_lightning.checkpointing import SafeCheckpointIO
+
+    kwargs: dict[str, Any] = {
+        "max_steps": 1,
+        "enable_checkpointing": True,
+        "plugins": [SafeCheckpointIO()],
+        "callbacks": [ModelCheckpoint(dirpath=root, save_last=True)],
+        "default_root_dir": root,
+    }
+    return tiny_trainer(**{**kwargs, **overrides})
+
+
 @pytest.fixture(name="tiny_trainer", scope="session")
 def _tiny_trainer_fixture() -> Callable[..., L.Trainer]:
     return tiny_trainer

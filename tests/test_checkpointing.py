@@ -7,8 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_NET, RandomSemiDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import TINY_NET, RandomSemiDataModule, checkpointing_trainer
 
 from gpcps_lightning import GPCPSModule, SupervisedModule
 from gpcps_lightning.checkpointing import (
@@ -23,14 +22,7 @@ from gpcps_lightning.checkpointing import (
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_trainer) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
     L.seed_everything(0, verbose=False)
-    trainer = tiny_trainer(
-        max_steps=1,
-        enable_checkpointing=True,
-        plugins=[SafeCheckpointIO()],
-        callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
-        default_root_dir=root,
-    )
-    trainer.fit(GPCPSModule(**TINY_NET), RandomSemiDataModule())
+    checkpointing_trainer(root).fit(GPCPSModule(**TINY_NET), RandomSemiDataModule())
     return root / "last.ckpt"
 
 

@@ -9,13 +9,11 @@ from typing import Any
 import pytest
 import segmentation_models_pytorch as smp
 import torch
-from conftest import TINY_NET, RandomSemiDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import TINY_NET, RandomSemiDataModule, checkpointing_trainer
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gpcps_lightning import GPCPSModule, MeanTeacherModule, PSMTModule, SupervisedModule
-from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.inference.predict import load_module
 from gpcps_lightning.networks import (
     build_network,
@@ -231,14 +229,7 @@ def test_a_checkpoint_loads_without_the_weights_file(tmp_path: Path, tiny_traine
     module = SupervisedModule(encoder_weights=str(path), **TINY_NET)
     assert_state_equal(module.net1.encoder, state)
     root = tmp_path / "run"
-    trainer = tiny_trainer(
-        max_steps=1,
-        enable_checkpointing=True,
-        plugins=[SafeCheckpointIO()],
-        callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
-        default_root_dir=root,
-    )
-    trainer.fit(module, RandomSemiDataModule())
+    checkpointing_trainer(root).fit(module, RandomSemiDataModule())
     trained = {k: v.clone() for k, v in module.state_dict().items()}
     assert not torch.equal(trained["net1.encoder.model.conv1.weight"], state["model.conv1.weight"])
     path.unlink()  # another machine: the weights file is not there
