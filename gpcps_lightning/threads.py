@@ -16,7 +16,14 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["THREADS_ENV", "ThreadChoice", "apply_thread_policy", "busy_cores", "choose_threads"]
+__all__ = [
+    "THREADS_ENV",
+    "ThreadChoice",
+    "apply_thread_policy",
+    "available_cores",
+    "busy_cores",
+    "choose_threads",
+]
 
 #: Environment variable that sets the number of intra-op threads outright.
 THREADS_ENV = "GPCPS_NUM_THREADS"
@@ -30,7 +37,8 @@ class ThreadChoice:
     reason: str
 
 
-def _available_cores() -> int:
+def available_cores() -> int:
+    """Cores this process may use (its CPU affinity; the machine's count where there is none)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -92,7 +100,7 @@ def choose_threads(
         return ThreadChoice(int(value), f"{THREADS_ENV}={value}")
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) >= 1:
         return ThreadChoice(int(env["OMP_NUM_THREADS"]), f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
-    cores = _available_cores() if cores is None else cores
+    cores = available_cores() if cores is None else cores
     if load is None:
         load = busy_cores()
     busy = round(load)

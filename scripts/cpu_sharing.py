@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpcps_lightning.threads import choose_threads
+from gpcps_lightning.threads import available_cores, choose_threads
 
 #: The quickstart's network and sizes (examples/configs/quickstart.yaml).
 BENCH = [
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds the busy loop runs first")
     args = parser.parse_args(argv)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GPCPS_NUM_THREADS")}
     results: dict[str, Any] = {"cores": cores, "load_at_start": os.getloadavg()[0]}
     alone_choice = choose_threads(0, environ=env)
