@@ -828,7 +828,8 @@ def run_stpp(config: STPPConfig, out_dir: str | os.PathLike[str]) -> STPPResult:
         log.info("ST++ stage %s: %s (%s)", name, "resuming" if resume else "running", stage.dir)
         started = time.perf_counter()
         artefacts, produced = compute(stage, resume)
-        seconds = round(time.perf_counter() - started, 3)  # as the manifest keeps it, so a reuse reports the same
+        # rounded as the manifest keeps it, so that a later reuse of the stage reports the same
+        seconds = round(time.perf_counter() - started, 3)
         stage.finish(settings, artefacts, produced, seconds)
         results.append(StageResult(name, stage.dir, False, time.perf_counter() - clock, seconds))
 
