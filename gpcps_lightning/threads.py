@@ -3,11 +3,13 @@
 PyTorch starts one intra-op thread per core. On a machine where another process is also busy, each
 parallel operation then waits at its barrier for a thread whose core is taken, and a training on 2 cores
 beside one other CPU-bound process ran 10-20 times slower than alone instead of about 2 times
-(docs/performance.md, "Sharing the CPU"). The policy here counts the cores this process may use, the data
-loader's worker processes, and the cores other processes keep busy (measured over a quarter of a second
-from ``/proc/stat`` when the run starts; the 1-minute load average where there is no ``/proc/stat``), and
-gives PyTorch the cores that are left, at least one. ``GPCPS_NUM_THREADS`` or an explicit
-``OMP_NUM_THREADS`` overrides it.
+(docs/performance.md, "Sharing the CPU"). The policy here counts the cores this process may use and the
+cores other processes keep busy (measured over a quarter of a second from ``/proc/stat`` when the run
+starts; the 1-minute load average where there is no ``/proc/stat``), and gives PyTorch the cores that are
+left, at least one. The run's own data-loader workers get no core of their own: they prepare a few
+batches ahead and then wait, and the quickstart's one worker used a small share of a core while a core
+reserved for it cost the training almost half its speed (docs/performance.md). ``GPCPS_NUM_THREADS`` or
+an explicit ``OMP_NUM_THREADS`` overrides the policy, for example with loaders that decode large images.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def choose_threads(
     """The number of PyTorch intra-op threads for a CPU training.
 
     Args:
-        loader_workers: Data-loader worker processes of the run (each takes a core while it loads).
+        loader_workers: Data-loader worker processes of the run: named in the reason, not given a core
+            (they mostly wait; see the module's docstring).
         cores: Cores this process may use (default: its CPU affinity).
         load: Cores other processes keep busy (default: :func:`busy_cores`).
         environ: Environment to read ``GPCPS_NUM_THREADS`` and ``OMP_NUM_THREADS`` from (default:
@@ -87,7 +90,7 @@ def choose_threads(
 
     Returns:
         ``GPCPS_NUM_THREADS`` if set; else ``OMP_NUM_THREADS`` if set; else the cores left after the
-        loader workers and the running processes (rounded up to whole processes), at least 1.
+        cores other processes keep busy (rounded to whole cores), at least 1.
 
     Raises:
         ValueError: If ``GPCPS_NUM_THREADS`` is not a positive integer.
@@ -104,11 +107,11 @@ def choose_threads(
     if load is None:
         load = busy_cores()
     busy = round(load)
-    threads = max(1, cores - loader_workers - busy)
+    threads = max(1, cores - busy)
     return ThreadChoice(
         threads,
-        f"{cores} cores available, {loader_workers} data-loader workers, {busy} kept busy by other "
-        f"processes ({load:.1f} cores in use)",
+        f"{cores} cores available, {busy} kept busy by other processes ({load:.1f} cores in use); "
+        f"{loader_workers} data-loader workers, not given a core of their own",
     )
 
 

@@ -8,7 +8,13 @@ batch 8) four times, each in a fresh process: alone and beside one CPU-bound pro
 with PyTorch's default number of threads (one per core) and with the number
 :func:`gpcps_lightning.threads.choose_threads` picks at that moment. Reports the steps per second of each
 and the slowdown beside the busy process, alone / beside, for each thread setting (a fair share of a
-2-core machine is about 2x). Run it on an otherwise idle machine: the load average is recorded.
+2-core machine is about 2x).
+
+Then the quickstart itself (``gpcps fit --config examples/configs/quickstart.yaml`` for ``--fit-steps``
+steps, its one data-loader worker included, data generated beforehand) alone with 1 thread (what the
+policy chose when it reserved a core for the worker), alone with the policy's choice, and beside the busy
+process with the policy's choice: the wall time of each fit and the CPU time its loader worker used per
+second of it (read from ``/proc``). Run it on an otherwise idle machine: the load average is recorded.
 """
 
 from __future__ import annotations
@@ -54,6 +60,65 @@ def _bench(threads: int, steps: int, warmup: int) -> dict[str, Any]:
     return {"threads": threads, "median_step_s": median, "steps_per_s": 1.0 / median, "wall_s": seconds}
 
 
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "configs" / "quickstart.yaml"
+
+
+def _fit(folder: Path, steps: int, threads: int | None) -> dict[str, Any]:
+    """The quickstart's fit in ``folder`` (its data there already): wall time and the workers' CPU time."""
+    command = [sys.executable, "-m", "gpcps_lightning", "fit", "--config", str(QUICKSTART)]
+    command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    command += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GPCPS_NUM_THREADS")}
+    if threads is not None:
+        env["GPCPS_NUM_THREADS"] = str(threads)
+    clock = time.perf_counter()
+    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, text=True)
+    worker_cpu: dict[int, float] = {}
+    while process.poll() is None:
+        for pid in _descendants(process.pid):
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                worker_cpu[pid] = seconds
+        time.sleep(0.5)
+    seconds = time.perf_counter() - clock
+    out = process.stdout.read() if process.stdout else ""
+    if process.returncode:
+        raise SystemExit(f"the quickstart's fit failed (exit {process.returncode}):\n{out}")
+    said = [line for line in out.splitlines() if "PyTorch uses" in line]
+    return {
+        "steps": steps,
+        "wall_s": seconds,
+        "thread_line": said[0] if said else None,
+        "worker_cpu_s": sum(worker_cpu.values()),
+        "worker_cores_used": sum(worker_cpu.values()) / seconds,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds the busy loop runs first")
+    parser.add_argument("--fit-steps", type=int, default=150, help="steps of each quickstart fit (0: none)")
     args = parser.parse_args(argv)
 
     cores = available_cores()
@@ -71,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         "default": _bench(cores, args.steps, args.warmup),
         "policy": {**_bench(alone_choice.threads, args.steps, args.warmup), "reason": alone_choice.reason},
     }
+    scratch = tempfile.TemporaryDirectory()
+    folder = Path(scratch.name)
+    if args.fit_steps:
+        _fit(folder, 1, 1)  # generates the data and its cache, untimed
+        results["quickstart_alone"] = {
+            "one_thread": _fit(folder, args.fit_steps, 1),
+            "policy": _fit(folder, args.fit_steps, None),
+        }
     hog = multiprocessing.Process(target=_busy_loop, daemon=True)
     hog.start()
     try:
@@ -83,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                 "reason": beside_choice.reason,
             },
         }
+        if args.fit_steps:
+            results["quickstart_beside_busy_process"] = {"policy": _fit(folder, args.fit_steps, None)}
     finally:
         hog.terminate()
         hog.join()
+        scratch.cleanup()
     results["slowdown_beside_busy_process"] = {
         name: results["alone"][name]["steps_per_s"] / results["beside_busy_process"][name]["steps_per_s"]
         for name in ("default", "policy")
@@ -103,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             f"beside a busy process {beside['steps_per_s']:.2f} steps/s ({beside['threads']} threads): "
             f"{results['slowdown_beside_busy_process'][name]:.1f}x slower"
         )
+    for name, runs in results.items():
+        if name.startswith("quickstart_"):
+            for setting, run in runs.items():
+                print(
+                    f"{name} ({setting}): {run['wall_s']:.1f} s for {run['steps']} steps, loader worker "
+                    f"{run['worker_cores_used']:.2f} cores; {run['thread_line']}"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return 0

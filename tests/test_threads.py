@@ -8,15 +8,21 @@ import torch
 from gpcps_lightning.threads import apply_thread_policy, busy_cores, choose_threads
 
 
-def test_threads_are_the_cores_left_by_loader_workers_and_busy_processes() -> None:
+def test_threads_are_the_cores_left_by_busy_processes() -> None:
     assert choose_threads(0, cores=2, load=0.1, environ={}).threads == 2
     # one other CPU-bound process (load about 1): one thread, not two fighting for one free core
     assert choose_threads(0, cores=2, load=1.02, environ={}).threads == 1
-    assert choose_threads(1, cores=8, load=2.7, environ={}).threads == 4
+    assert choose_threads(0, cores=8, load=2.7, environ={}).threads == 5
     # never fewer than one
-    assert choose_threads(2, cores=2, load=3.0, environ={}).threads == 1
+    assert choose_threads(0, cores=2, load=3.0, environ={}).threads == 1
     reason = choose_threads(1, cores=8, load=2.7, environ={}).reason
-    assert "8 cores" in reason and "1 data-loader workers" in reason and "3 kept busy" in reason
+    assert "8 cores" in reason and "3 kept busy" in reason and "1 data-loader workers, not given" in reason
+
+
+def test_loader_workers_get_no_core_of_their_own() -> None:
+    # the quickstart's one mostly idle worker cost an idle 2-core machine a thread (docs/performance.md)
+    assert choose_threads(1, cores=2, load=0.0, environ={}).threads == 2
+    assert choose_threads(3, cores=8, load=1.0, environ={}).threads == 7
 
 
 def test_busy_cores_is_the_machines_cpu_use_in_cores(monkeypatch: pytest.MonkeyPatch) -> None:
