@@ -21,15 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import gpcps_lightning
 from gpcps_lightning import CPSModule, GPCPSModule, KvasirSEGDataModule, SegmentationModule, SupervisedModule
-from gpcps_lightning._utils import import_object
+from gpcps_lightning._utils import import_object, public_class_path
 from gpcps_lightning.checkpointing import CHECKPOINT_KEY, read_checkpoint
 from gpcps_lightning.inference.predict import load_module
-from gpcps_lightning.tools.provenance import (
-    public_class_path,
-    run_settings,
-    settings_differences,
-    settings_id,
-)
+from gpcps_lightning.settings import run_settings, settings_differences, settings_id
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "gpcps_lightning"
@@ -55,10 +50,12 @@ RANKS = {
     "inference": 3,
     "testing": 3,
     "__init__": 4,
+    "settings": 3,
+    "training": 3,
     "pipelines": 5,
-    "tools": 5,
-    "cli": 6,
-    "__main__": 7,
+    "tools": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 
 #: Modules that moved before the first release and whose deprecated aliases were removed (0.1.0.dev0

@@ -19,13 +19,12 @@ import pytest
 
 from gpcps_lightning._utils import sha256_file
 from gpcps_lightning.pipelines import STAGES, STPPOptions
+from gpcps_lightning.settings import run_settings, settings_id
 from gpcps_lightning.tools.provenance import (
     METHOD_ALIASES,
     code_version,
     library_versions,
     load_method_config,
-    run_settings,
-    settings_id,
     shipped_method_dir,
     shipped_method_names,
 )
@@ -534,49 +533,6 @@ def test_run_flags_name_early_selection_and_a_collapsed_head(tmp_path: Path) -> 
     assert "No run is flagged." in text
 
 
-def test_last_checkpoint_is_the_latest_validation_not_the_last_best(tmp_path: Path) -> None:
-    import lightning as L
-    import torch
-
-    from gpcps_lightning.tools.reproduce import _checkpoints
-
-    class Falling(L.LightningModule):
-        """A score that only falls: the best is the first validation, the latest the third."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(1))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return (self.weight * batch[0]).sum()
-
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val/score", 1.0 / (1 + self.global_step))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=1)
-    trainer = L.Trainer(
-        max_steps=3,
-        val_check_interval=1,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=list(_checkpoints(tmp_path, "val/score")),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Falling(), loader, loader)
-    steps = {
-        name: torch.load(tmp_path / f"{name}.ckpt", map_location="cpu", weights_only=False)["global_step"]
-        for name in ("best", "last")
-    }
-    assert steps == {"best": 1, "last": 3}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
-
-
 def test_finished_runs_with_the_same_settings_are_skipped(
     tiny: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -730,7 +686,8 @@ def test_external_folders_are_scored_once_on_the_selected_checkpoint(
 
 
 def test_network_kwargs_reach_the_module_and_its_settings(tmp_path: Path) -> None:
-    from gpcps_lightning.tools.provenance import load_method_config, resolved_init_args
+    from gpcps_lightning.settings import resolved_init_args
+    from gpcps_lightning.tools.provenance import load_method_config
     from gpcps_lightning.tools.reproduce import _make_module
 
     kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}

@@ -26,6 +26,7 @@ from gpcps_lightning.data import (
     ImageMaskPair,
     KvasirSEGDataModule,
     PseudoLabelDataModule,
+    SemiSupervisedDataModule,
     SemiSupervisedPairSampler,
     StrongAugmentation,
     labeled_stream_indices,
@@ -341,6 +342,46 @@ def test_kvasir_works_as_the_source_of_the_retraining_folder(tmp_path: Path) -> 
     assert [p.name for p in datamodule.split.test] == [p.name for p in split.test]
     batch = datamodule.make_train_batch(next(iter(datamodule.train_dataloader())))
     assert batch.labeled.shape == (4, 3, 8, 8)
+
+
+def test_retraining_takes_every_option_of_the_source(tmp_path: Path) -> None:
+    """Every SemiSupervisedDataModule argument but predict_dir reaches the retraining, none by hand."""
+    import inspect
+
+    root = tmp_path / "kvasir"
+    write_kvasir_standin(root / "Kvasir-SEG")
+    changed = {
+        "batch_size": 3,
+        "image_size": (8, 12),
+        "labeled_fraction": 0.25,
+        "steps_per_epoch": 7,
+        "num_workers": 0,
+        "augment": False,
+        "cache": True,
+        "eval_at_original_size": False,
+        "seed": 5,
+        "mean": (0.1, 0.2, 0.3),
+        "std": (0.4, 0.5, 0.6),
+        "check_files": "full",
+    }
+    names = set(inspect.signature(SemiSupervisedDataModule.__init__).parameters) - {"self", "predict_dir"}
+    assert names == set(changed), "a new argument: give it a non-default value here"
+    source = KvasirSEGDataModule(root=str(root), verify=False, **changed)
+    source.prepare_data()
+    unlabeled = _unlabeled_images(source.split)
+    args = _write_training_folder(tmp_path / "folder", source.split, unlabeled, {}, oversample=True)
+    retraining = _retraining_datamodule(source, args, STPPOptions())
+    for name in names:
+        assert getattr(retraining, name) == getattr(source, name), name
+
+    class Forgetful(KvasirSEGDataModule):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            del self.steps_per_epoch
+
+    forgetful = Forgetful(root=str(root), verify=False, num_workers=0)
+    with pytest.raises(TypeError, match=r"Forgetful keeps no `steps_per_epoch` attribute"):
+        _retraining_datamodule(forgetful, args, STPPOptions())
 
 
 # ============================================================================ options

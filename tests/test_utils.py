@@ -153,9 +153,10 @@ def test_sha256_file_by_hand(tmp_path: Path) -> None:
 
 def test_every_file_hash_of_the_package_is_sha256_file() -> None:
     """Manifests, split-file settings and ST++ stage artefacts hash files with the one helper."""
+    from gpcps_lightning import settings
     from gpcps_lightning.data import kvasir
     from gpcps_lightning.pipelines import stpp
-    from gpcps_lightning.tools import provenance, reproduce
+    from gpcps_lightning.tools import reproduce
 
-    for module in (kvasir, stpp, provenance, reproduce):
+    for module in (kvasir, stpp, settings, reproduce):
         assert module.sha256_file is sha256_file, module.__name__

@@ -114,6 +114,23 @@ class BestCheckpoint(ModelCheckpointHooks):
             self.monitor = f"val/dice_{selection_head(pl_module)}"
         super().setup(trainer, pl_module, stage)
 
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Take over the state of a plain ``ModelCheckpoint`` with the same settings.
+
+        Runs of ``gpcps reproduce run`` interrupted before the runner used this callback saved their best
+        score under ``ModelCheckpoint``'s state key; Lightning loads a callback's state by its key, so
+        without this a resumed run would forget its best score and select the first validation after the
+        restart. The state is moved to this callback's key before Lightning loads states.
+        """
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        legacy = "ModelCheckpoint" + self.state_key.removeprefix(type(self).__qualname__)
+        if legacy in states:
+            states[self.state_key] = states.pop(legacy)
+
     def before_find_last_checkpoints(self, trainer: L.Trainer) -> None:
         """Fix the folder: ``ckpt_path="last"`` looks for ``last.ckpt`` before ``setup``."""
         self.resolve_dirpath(trainer)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from gpcps_lightning.losses._checks import as_float, check_map, check_same_shape
 from gpcps_lightning.losses.baselines import hard_pseudo_labels
-from gpcps_lightning.losses.dice import DiceVariant, dice_loss_function
+from gpcps_lightning.losses.dice import DiceVariant, dice_loss, dice_loss_function
 
 __all__ = [
     "UniMatchLosses",
@@ -166,7 +166,8 @@ def two_class_dice_loss(
 
     ``(D(p, t) + D(1 - p, 1 - t)) / 2``, the mean over the foreground and the background class of
     ``D(q, u) = 1 - (2 sum(v q u) + s) / (sum(v q^2) + sum(v u^2) + s)``, each sum over all pixels of the
-    batch, ``v`` the valid (not ignored) pixels. With no valid pixel the loss is 0 and has no gradient.
+    batch, ``v`` the valid (not ignored) pixels: :func:`~gpcps_lightning.losses.dice.dice_loss` over the
+    batch with squared sums, of ``v q`` and ``v u``. With no valid pixel the loss is 0 and has no gradient.
 
     Args:
         probs: Foreground probabilities in [0, 1].
@@ -186,19 +187,17 @@ def two_class_dice_loss(
     check_map("probs", probs)
     check_map("target", target)
     check_same_shape("probs", probs, "target", target)
-    if smooth <= 0:
-        raise ValueError(f"`smooth` must be positive, got {smooth}.")
     p = as_float(probs)
     t = as_float(target).to(p.dtype)
-    v = torch.ones_like(p) if valid is None else valid
+    v = torch.ones_like(p)
     if valid is not None:
         check_map("valid", valid)
         check_same_shape("probs", probs, "valid", valid)
         v = valid.detach().to(p.dtype)
 
     def dice(q: Tensor, u: Tensor) -> Tensor:
-        intersection = (v * q * u).sum()
-        return 1.0 - (2.0 * intersection + smooth) / ((v * q * q).sum() + (v * u * u).sum() + smooth)
+        # with v in {0, 1}: sum(v q u), sum(v q^2), sum(v u^2) are the sums of (v q)(v u), (v q)^2, (v u)^2
+        return dice_loss(q * v, u * v, reduction="batch", squared=True, smooth=smooth)
 
     return (dice(1.0 - p, 1.0 - t) + dice(p, t)) / 2.0
 

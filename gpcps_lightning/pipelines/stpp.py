@@ -48,15 +48,12 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from gpcps_lightning._utils import atomic_path, import_object, sha256_file
 from gpcps_lightning._version import __version__
-from gpcps_lightning.callbacks.checkpoint import BestCheckpoint
-from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.data.datamodule import SemiSupervisedDataModule
 from gpcps_lightning.data.datasets import ImageDataset, ImageMaskPair, collate_prediction
 from gpcps_lightning.data.io import preview_names
@@ -67,7 +64,8 @@ from gpcps_lightning.inference.predict import load_module, resize_to_original
 from gpcps_lightning.inference.tta import TTA_SCALES, tta_probabilities
 from gpcps_lightning.methods.base import SegmentationModule
 from gpcps_lightning.methods.supervised import SupervisedModule
-from gpcps_lightning.tools.provenance import jsonable, run_settings
+from gpcps_lightning.settings import jsonable, run_settings
+from gpcps_lightning.training import TrainingSpec, build_trainer
 
 __all__ = [
     "STAGES",
@@ -253,7 +251,7 @@ class STPPOptions:
     def settings(self) -> dict[str, Any]:
         """The options as flat ``stpp.<name>`` settings (JSON-compatible; the strong augmentation resolved).
 
-        For a run record's settings, next to :func:`gpcps_lightning.tools.provenance.run_settings`.
+        For a run record's settings, next to :func:`gpcps_lightning.settings.run_settings`.
         """
         values = jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         values["strong_augmentation"] = self.strong_augmentation_args()
@@ -349,6 +347,16 @@ class STPPConfig:
             return SupervisedModule(**self.module_args)
         except TypeError as err:
             raise ValueError(f"`module_args` are not SupervisedModule arguments: {err}.") from err
+
+    def training(self, max_steps: int) -> TrainingSpec:
+        """The Trainer settings of one of the three trainings."""
+        return TrainingSpec(
+            max_steps=max_steps,
+            val_every=self.val_every,
+            precision=self.precision,
+            accelerator=self.accelerator,
+            progress_bar=self.progress_bar,
+        )
 
     @property
     def snapshot_steps(self) -> tuple[int, int, int]:
@@ -551,21 +559,8 @@ def _train(
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = config.make_module()
     folder = stage.dir / "checkpoints"
-    checkpoint = BestCheckpoint(dirpath=str(folder))
-    trainer = L.Trainer(
-        accelerator=config.accelerator,
-        devices=1,
-        precision=config.precision,  # type: ignore[arg-type]
-        max_steps=max_steps,
-        check_val_every_n_epoch=None,
-        val_check_interval=config.val_every,
-        num_sanity_val_steps=0,
-        callbacks=[checkpoint] + ([snapshots] if snapshots is not None else []),
-        logger=CSVLogger(stage.dir, name="logs"),
-        plugins=[SafeCheckpointIO()],
-        enable_progress_bar=config.progress_bar,
-        enable_model_summary=False,
-        default_root_dir=stage.dir,
+    trainer, checkpoint = build_trainer(
+        config.training(max_steps), stage.dir, callbacks=[snapshots] if snapshots is not None else []
     )
     last = folder / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
@@ -745,24 +740,31 @@ def _write_training_folder(
     return kwargs
 
 
+#: SemiSupervisedDataModule arguments a retraining does not take from the source datamodule.
+_NOT_INHERITED = ("self", "predict_dir")
+
+
 def _retraining_datamodule(
     source: SemiSupervisedDataModule, folder_args: Mapping[str, Any], options: STPPOptions
 ) -> PseudoLabelDataModule:
+    """The datamodule of a retraining: the written folder, with every other option of ``source``.
+
+    Every argument of :class:`~gpcps_lightning.data.SemiSupervisedDataModule` but ``predict_dir`` is
+    read from ``source`` by its name (the datamodule keeps each as an attribute), so an argument added to
+    the base class reaches the retrainings without a change here.
+    """
+    shared = {}
+    for name in inspect.signature(SemiSupervisedDataModule.__init__).parameters:
+        if name in _NOT_INHERITED:
+            continue
+        if not hasattr(source, name):
+            raise TypeError(
+                f"ST++ retrains with every option of the source datamodule, but {type(source).__name__} "
+                f"keeps no `{name}` attribute: keep each SemiSupervisedDataModule argument under its name."
+            )
+        shared[name] = getattr(source, name)
     datamodule = PseudoLabelDataModule(
-        **folder_args,
-        strong_augmentation=dict(options.strong_augmentation),
-        batch_size=source.batch_size,
-        image_size=source.image_size,
-        labeled_fraction=source.labeled_fraction,
-        steps_per_epoch=source.steps_per_epoch,
-        num_workers=source.num_workers,
-        augment=source.augment,
-        cache=source.cache,
-        eval_at_original_size=source.eval_at_original_size,
-        seed=source.seed,
-        mean=source.mean,
-        std=source.std,
-        check_files=source.check_files,
+        **folder_args, strong_augmentation=dict(options.strong_augmentation), **shared
     )
     # The weak augmentation is the source's own (a subclass may have changed it).
     datamodule.augmentation = source.augmentation

@@ -3,7 +3,7 @@
 Used by ``gpcps reproduce table`` and ``gpcps reproduce doc`` (:mod:`gpcps_lightning.tools.reproduce`).
 
 - A measured row is one method under one set of settings
-  (:func:`~gpcps_lightning.tools.provenance.settings_id`): runs of different settings are never
+  (:func:`~gpcps_lightning.settings.settings_id`): runs of different settings are never
   averaged. A row's cell holds the mean ± sample standard deviation
   over seeds, the number of seeds and each seed's value.
 - The paper's rows (its Tables 1 and 2, as published) are printed beside them and labelled as the paper's.
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpcps_lightning.tools.provenance import FRACTION_KEYS, METHOD_LABELS, SEED_KEYS, TABLE2_ROWS, settings_id
+from gpcps_lightning.settings import FRACTION_KEYS, SEED_KEYS, settings_id
+from gpcps_lightning.tools.provenance import METHOD_LABELS, TABLE2_ROWS
 
 __all__ = [
     "PAPER_TABLE1",

@@ -29,22 +29,24 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpcps_lightning._utils import atomic_path, import_object, sha256_file
+from gpcps_lightning.settings import (
+    resolved_init_args,
+    run_settings,
+    settings_differences,
+    settings_id,
+    split_files,
+)
 from gpcps_lightning.tools.provenance import (
     METHOD_ALIASES,
     MethodConfig,
     code_version,
     library_versions,
     load_method_config,
-    resolved_init_args,
-    run_settings,
-    settings_differences,
-    settings_id,
     shipped_method_dir,
     shipped_method_names,
-    split_files,
     strip_local_paths,
 )
 from gpcps_lightning.tools.report import (
@@ -55,6 +57,9 @@ from gpcps_lightning.tools.report import (
     run_flags,
     sync_doc,
 )
+
+if TYPE_CHECKING:
+    from gpcps_lightning.training import TrainingSpec
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -386,16 +391,7 @@ def run_one(
             {
                 "model": {"class_path": _class_path(module), "init_args": resolved_init_args(module)},
                 "data": {"class_path": _class_path(datamodule), "init_args": resolved_init_args(datamodule)},
-                "trainer": {
-                    "accelerator": args.accelerator,
-                    "devices": 1,
-                    "precision": args.precision,
-                    "max_steps": args.max_steps,
-                    "val_check_interval": args.val_every,
-                    "check_val_every_n_epoch": None,
-                    "num_sanity_val_steps": 0,
-                    "lr_schedule": getattr(args, "lr_schedule", "constant"),
-                },
+                "trainer": _spec(args).record(),
                 "checkpoint": {
                     "monitor": monitor,
                     "mode": "max",
@@ -481,56 +477,31 @@ def validation_curve(logs: Path) -> dict[str, list[Any]]:
     return {"step": steps, **{head: [by_step[s].get(head) for s in steps] for head in heads}}
 
 
-def _checkpoints(folder: Path, monitor: str) -> tuple[Any, Any]:
-    """A run's two checkpoint callbacks: ``best.ckpt`` (highest ``monitor``) and ``last.ckpt`` (latest).
+def _spec(args: argparse.Namespace) -> TrainingSpec:
+    """The command's training settings (every run of one command shares them)."""
+    from gpcps_lightning.training import TrainingSpec
 
-    Lightning's ``save_last=True`` on a monitored callback writes ``last.ckpt`` only when a new best is
-    saved, so an interrupted run would resume from its last best step and train the steps after it again;
-    an unmonitored callback keeps ``last.ckpt`` at the latest validation instead. (``gpcps fit``'s
-    :class:`~gpcps_lightning.callbacks.BestCheckpoint` refreshes ``last.ckpt`` itself; the runner keeps
-    plain ``ModelCheckpoint`` callbacks, whose state key runs interrupted before this change saved, so
-    that they resume with their best score so far.)
-    """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    best = ModelCheckpoint(
-        dirpath=folder, filename="best", monitor=monitor, mode="max", auto_insert_metric_name=False
+    return TrainingSpec(
+        max_steps=args.max_steps,
+        val_every=args.val_every,
+        precision=args.precision,
+        accelerator=args.accelerator,
+        lr_schedule=getattr(args, "lr_schedule", "constant"),
+        progress_bar=args.progress_bar,
     )
-    latest = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
-    return best, latest
-
-
-def _lr_callbacks(args: argparse.Namespace) -> list[Any]:
-    from gpcps_lightning.callbacks import LRSchedule
-
-    schedule = getattr(args, "lr_schedule", "constant")
-    return [] if schedule == "constant" else [LRSchedule("cosine")]
 
 
 def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> tuple[Any, str, float]:
-    """Fit one run's module (resuming from ``last.ckpt``): the trainer, the selected checkpoint, seconds."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
+    """Fit one run's module (resuming from ``last.ckpt``): the trainer, the selected checkpoint, seconds.
 
-    from gpcps_lightning.checkpointing import SafeCheckpointIO
+    A run interrupted under an earlier runner, which kept a plain ``ModelCheckpoint`` for ``best.ckpt``
+    and another for ``last.ckpt``, resumes with its best score so far: ``BestCheckpoint`` takes over the
+    former's state (Lightning warns once that the latter's state has no callback).
+    """
+    from gpcps_lightning.training import build_trainer
 
     last = run.run_dir / "checkpoints" / "last.ckpt"
-    checkpoint, latest = _checkpoints(run.run_dir / "checkpoints", monitor)
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_steps=args.max_steps,
-        check_val_every_n_epoch=None,
-        val_check_interval=args.val_every,
-        num_sanity_val_steps=0,
-        callbacks=[checkpoint, latest, *_lr_callbacks(args)],
-        logger=CSVLogger(run.run_dir, name="logs"),
-        plugins=[SafeCheckpointIO()],
-        enable_progress_bar=args.progress_bar,
-        enable_model_summary=False,
-        default_root_dir=run.run_dir,
-    )
+    trainer, checkpoint = build_trainer(_spec(args), run.run_dir, monitor=monitor)
     clock = time.perf_counter()
     trainer.fit(run.module, run.datamodule, ckpt_path=str(last) if resumed else None)
     seconds = time.perf_counter() - clock
@@ -571,10 +542,9 @@ def _train_stpp(args: argparse.Namespace, run: _Run) -> tuple[Any, str, float, d
     Returns an evaluation trainer, the final checkpoint, the stages' summed seconds and the record's
     ``stpp`` entry.
     """
-    import lightning as L
-
     from gpcps_lightning.checkpointing import read_checkpoint
     from gpcps_lightning.pipelines.stpp import stpp_run
+    from gpcps_lightning.training import evaluation_trainer
 
     result = stpp_run(
         run.datamodule,
@@ -589,15 +559,7 @@ def _train_stpp(args: argparse.Namespace, run: _Run) -> tuple[Any, str, float, d
         progress_bar=args.progress_bar,
     )
     run.module.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_progress_bar=args.progress_bar,
-        enable_model_summary=False,
-        default_root_dir=run.run_dir,
-    )
+    trainer = evaluation_trainer(_spec(args), run.run_dir)
     seconds = result.stage_seconds
     reliability = json.loads(result.reliability.read_text())
     entry = {
