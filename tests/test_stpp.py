@@ -41,11 +41,14 @@ from gpcps_lightning.pipelines import (
     STPPConfig,
     STPPOptions,
     foreground_iou,
+    pseudo_label_stage,
     reliability_scores,
+    reliability_stage,
+    retrain_stage,
     select_reliable,
-    stpp_run,
 )
 from gpcps_lightning.pipelines.stpp import _retraining_datamodule, _unlabeled_images, _write_training_folder
+from gpcps_lightning.tools.stpp import stpp_run
 from tests.conftest import TINY_NET, tiny_trainer
 
 
@@ -505,6 +508,41 @@ def test_stpp_end_to_end_on_the_generated_data(finished: tuple[Path, Path, Any])
     )
     (metrics,) = tiny_trainer().test(module, source, verbose=False)
     assert 0.0 <= metrics["test/dice_net1"] <= 1.0
+
+
+def test_each_stage_is_a_function_that_runs_alone(finished: tuple[Path, Path, Any], tmp_path: Path) -> None:
+    """The stage functions, called on the pipeline's inputs without it, make what its stages made."""
+    from tests.conftest import tiny_synthetic_datamodule
+
+    data, out, result = finished
+    config = STPPConfig(
+        tiny_synthetic_datamodule(data), max_steps=MAX_STEPS, val_every=3, module_args=dict(TINY_NET),
+        accelerator="cpu",
+    )  # fmt: skip
+    snapshots = [out / "1_supervised" / "checkpoints" / f"step{s}.ckpt" for s in (2, 4, 6)]
+    made = reliability_stage(config, tmp_path, snapshots)
+    assert made.artefacts == [tmp_path / "reliability.json"] and made.outputs == {
+        "reliability": "reliability.json"
+    }
+    assert json.loads(made.artefacts[0].read_text()) == json.loads(result.reliability.read_text())
+    scores = json.loads(result.reliability.read_text())
+    best = out / "1_supervised" / "checkpoints" / "best.ckpt"
+    labelled = pseudo_label_stage(config, tmp_path / "labels", best, scores["reliable"][:2])
+    assert labelled.outputs == {"masks": "masks", "relabelled": 2} and len(labelled.artefacts) == 2
+    for path in labelled.artefacts:
+        assert path.read_bytes() == (out / "3_pseudo_reliable" / "masks" / path.name).read_bytes()
+    # `keep` copies earlier labels in beside the new ones
+    keep = {name: path for name, path in zip(scores["reliable"][:2], labelled.artefacts, strict=True)}
+    more = pseudo_label_stage(config, tmp_path / "more", best, scores["unreliable"][:1], keep)
+    assert sorted(p.name for p in more.artefacts) == sorted(
+        [*(p.name for p in keep.values()), f"{scores['unreliable'][0]}.png"]
+    )
+    assert more.outputs["relabelled"] == 1
+    # a retraining on two pseudo-labelled images: 4 labeled pairs (no repeat needed) and the 2
+    retrained = retrain_stage(config, tmp_path / "retrain", keep, max_steps=3)
+    assert retrained.outputs == {"best": "checkpoints/best.ckpt", "pseudo_labelled": 2}
+    assert len((tmp_path / "retrain" / "data" / "splits" / "train.txt").read_text().split()) == 6
+    assert read_checkpoint(retrained.artefacts[0], expected_class=SupervisedModule)["global_step"] == 3
 
 
 def test_stpp_second_call_reuses_every_stage(finished: tuple[Path, Path, Any]) -> None:

@@ -40,7 +40,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +52,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from gpcps_lightning._utils import atomic_path, import_object, sha256_file
+from gpcps_lightning._utils import atomic_path, sha256_file
 from gpcps_lightning._version import __version__
 from gpcps_lightning.data.datamodule import SemiSupervisedDataModule
 from gpcps_lightning.data.datasets import ImageDataset, ImageMaskPair, collate_prediction
@@ -72,12 +72,16 @@ __all__ = [
     "STPPConfig",
     "STPPOptions",
     "STPPResult",
+    "StageOutput",
     "StageResult",
     "foreground_iou",
+    "pseudo_label_stage",
     "reliability_scores",
+    "reliability_stage",
+    "retrain_stage",
     "run_stpp",
     "select_reliable",
-    "stpp_run",
+    "supervised_stage",
 ]
 
 log = logging.getLogger(__name__)
@@ -348,6 +352,16 @@ class STPPConfig:
         except TypeError as err:
             raise ValueError(f"`module_args` are not SupervisedModule arguments: {err}.") from err
 
+    def run_settings(self, max_steps: int) -> dict[str, Any]:
+        """The settings of one of the three trainings, as the reproduction runner records a run's."""
+        return run_settings(
+            self.make_module(),
+            self.datamodule,
+            max_steps=max_steps,
+            val_every=self.val_every,
+            precision=self.precision,
+        )
+
     def training(self, max_steps: int) -> TrainingSpec:
         """The Trainer settings of one of the three trainings."""
         return TrainingSpec(
@@ -549,18 +563,18 @@ class _Snapshots(L.Callback):
 
 def _train(
     config: STPPConfig,
-    stage: _Stage,
+    stage_dir: Path,
     datamodule: SemiSupervisedDataModule,
     max_steps: int,
     resume: bool,
     snapshots: _Snapshots | None = None,
 ) -> Path:
-    """Train a fresh SupervisedModule; the best checkpoint's path."""
+    """Train a fresh SupervisedModule in ``stage_dir``; the best checkpoint's path."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = config.make_module()
-    folder = stage.dir / "checkpoints"
+    folder = stage_dir / "checkpoints"
     trainer, checkpoint = build_trainer(
-        config.training(max_steps), stage.dir, callbacks=[snapshots] if snapshots is not None else []
+        config.training(max_steps), stage_dir, callbacks=[snapshots] if snapshots is not None else []
     )
     last = folder / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
@@ -570,7 +584,7 @@ def _train(
     ):  # resumed after `out_dir` was moved: the state names the old one
         best = folder / "best.ckpt"
     # val_every <= max_steps (checked by STPPConfig): every training validates, so there is a best one.
-    assert best.is_file(), f"ST++ stage {stage.name!r} wrote no best checkpoint in {folder}."
+    assert best.is_file(), f"ST++ wrote no best checkpoint in {folder}."
     return best
 
 
@@ -771,11 +785,164 @@ def _retraining_datamodule(
     return datamodule
 
 
+# ============================================================================ the stages
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage function made: the files to fingerprint, and what later stages read of it.
+
+    Attributes:
+        artefacts: The files the stage wrote (hashed into its manifest; a change makes it stale).
+        outputs: JSON values later stages read, paths relative to the stage's folder.
+    """
+
+    artefacts: list[Path]
+    outputs: dict[str, Any]
+
+
+def supervised_stage(config: STPPConfig, folder: Path, resume: bool = False) -> StageOutput:
+    """Stage 1: train on the labeled images, with weights-only snapshots at 1/3, 2/3 and the end.
+
+    Args:
+        config: The run.
+        folder: The stage's folder (``checkpoints/`` and ``logs/`` go in it).
+        resume: Resume from ``folder/checkpoints/last.ckpt``.
+
+    Returns:
+        The best checkpoint and the snapshots; outputs ``best`` and ``snapshots``.
+    """
+    snapshots = _Snapshots(folder / "checkpoints", config.snapshot_steps)
+    best = _train(config, folder, config.datamodule, config.stage_steps[0], resume, snapshots)
+    paths = [snapshots.path(s) for s in config.snapshot_steps]
+    relative = [p.relative_to(folder).as_posix() for p in paths]
+    return StageOutput([best, *paths], {"best": best.relative_to(folder).as_posix(), "snapshots": relative})
+
+
+def reliability_stage(config: STPPConfig, folder: Path, snapshots: Sequence[Path]) -> StageOutput:
+    """Stage 2: each unlabeled image's reliability under ``snapshots``, the final one last.
+
+    Returns:
+        ``reliability.json`` (scores, the reliable and the unreliable names); output ``reliability``.
+    """
+    source = config.datamodule
+    scores = _reliability(
+        source, _unlabeled_images(source.split), snapshots, config.options, _device(config.accelerator)
+    )
+    path = folder / "reliability.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    return StageOutput([path], {"reliability": "reliability.json"})
+
+
+def pseudo_label_stage(
+    config: STPPConfig,
+    folder: Path,
+    checkpoint: Path,
+    names: Sequence[str],
+    keep: Mapping[str, Path] | None = None,
+) -> StageOutput:
+    """Stages 3 and 5: pseudo-label the unlabeled images ``names`` with ``checkpoint`` (and TTA).
+
+    Args:
+        config: The run.
+        folder: The stage's folder; the masks go to ``folder/masks/<name>.png``.
+        checkpoint: The model that labels.
+        names: The unlabeled images to label.
+        keep: Pseudo-labels made earlier, copied in beside the new ones (stage 5 keeps stage 3's).
+
+    Returns:
+        The masks; outputs ``masks`` (the folder) and ``relabelled`` (how many were labelled here).
+    """
+    source = config.datamodule
+    masks = folder / "masks"
+    unlabeled = _unlabeled_images(source.split)
+    device = _device(config.accelerator)
+    written = _pseudo_label(source, unlabeled, names, checkpoint, config.options, masks, device)
+    for path in (keep or {}).values():
+        shutil.copy2(path, masks / path.name)
+        written.append(masks / path.name)
+    return StageOutput(written, {"masks": "masks", "relabelled": len(names)})
+
+
+def retrain_stage(
+    config: STPPConfig, folder: Path, masks: Mapping[str, Path], max_steps: int, resume: bool = False
+) -> StageOutput:
+    """Stages 4 and 6: train a fresh network on the labeled and the pseudo-labelled images ``masks``.
+
+    The training folder of links (``folder/data``) holds the labeled pairs (repeated, with
+    ``oversample_labeled``), the pseudo-labelled ones, and the validation and test pairs; the
+    pseudo-labelled ones train with ST++'s strong augmentation.
+
+    Returns:
+        The best checkpoint; outputs ``best`` and ``pseudo_labelled``.
+    """
+    source = config.datamodule
+    folder_args = _write_training_folder(
+        folder / "data",
+        source.split,
+        _unlabeled_images(source.split),
+        masks,
+        config.options.oversample_labeled,
+    )
+    datamodule = _retraining_datamodule(source, folder_args, config.options)
+    best = _train(config, folder, datamodule, max_steps, resume)
+    return StageOutput([best], {"best": best.relative_to(folder).as_posix(), "pseudo_labelled": len(masks)})
+
+
+class _Stages:
+    """The stages of one ``out_dir``: runs a stage function unless a finished result can be reused."""
+
+    def __init__(self, out: Path) -> None:
+        self.stages = {name: _Stage(out, name) for name in STAGES}
+        _check_order(self.stages)
+        self.results: list[StageResult] = []
+
+    def dir(self, name: str) -> Path:
+        return self.stages[name].dir
+
+    def fingerprint(self, name: str) -> str:
+        return str(self.stages[name].done_manifest()["fingerprint"])
+
+    def output(self, name: str, key: str) -> Any:
+        return self.stages[name].done_manifest()["outputs"][key]
+
+    def path(self, name: str, key: str) -> Path:
+        """A path output of a finished stage."""
+        return self.dir(name) / self.output(name, key)
+
+    def run(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        compute: Callable[[Path, bool], StageOutput],
+        training: bool = False,
+    ) -> None:
+        """Reuse ``name``'s finished result with ``settings``, or run ``compute(folder, resume)``."""
+        stage = self.stages[name]
+        clock = time.perf_counter()
+        state = stage.check(settings)
+        if state == "done":
+            recorded = float(stage.done_manifest().get("seconds", 0.0))
+            self.results.append(StageResult(name, stage.dir, True, time.perf_counter() - clock, recorded))
+            log.info("ST++ stage %s: finished earlier, reused (%s)", name, stage.dir)
+            return
+        resume = training and state == "started" and (stage.dir / "checkpoints" / "last.ckpt").is_file()
+        stage.start(settings, fresh=not resume)
+        log.info("ST++ stage %s: %s (%s)", name, "resuming" if resume else "running", stage.dir)
+        started = time.perf_counter()
+        made = compute(stage.dir, resume)
+        # rounded as the manifest keeps it, so that a later reuse of the stage reports the same
+        seconds = round(time.perf_counter() - started, 3)
+        stage.finish(settings, made.artefacts, made.outputs, seconds)
+        self.results.append(StageResult(name, stage.dir, False, time.perf_counter() - clock, seconds))
+
+
 # ============================================================================ the pipeline
 def run_stpp(config: STPPConfig, out_dir: str | os.PathLike[str]) -> STPPResult:
     """Run ST++'s six stages in ``out_dir``, reusing those already finished with the same settings.
 
-    See the module documentation for the stages and their artefacts.
+    See the module documentation for the stages and their artefacts; each is a function
+    (:func:`supervised_stage`, :func:`reliability_stage`, :func:`pseudo_label_stage`,
+    :func:`retrain_stage`), and this one decides which to run and with what.
 
     Args:
         config: The data, network, training lengths and options.
@@ -790,167 +957,81 @@ def run_stpp(config: STPPConfig, out_dir: str | os.PathLike[str]) -> STPPResult:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source = config.datamodule
-    source.prepare_data()
-    split = source.split
-    unlabeled = _unlabeled_images(split)
-    device = _device(config.accelerator)
+    config.datamodule.prepare_data()
+    unlabeled = _unlabeled_images(config.datamodule.split)
     options = config.options
-    stages = {name: _Stage(out, name) for name in STAGES}
-    _check_order(stages)
-    results: list[StageResult] = []
+    stages = _Stages(out)
     s1, s4, s6 = config.stage_steps
-
-    def training_settings(max_steps: int) -> dict[str, Any]:
-        return run_settings(
-            config.make_module(),
-            source,
-            max_steps=max_steps,
-            val_every=config.val_every,
-            precision=config.precision,
-        )
-
-    def fingerprint(name: str) -> str:
-        return str(stages[name].done_manifest()["fingerprint"])
-
-    def outputs(name: str) -> dict[str, Any]:
-        return dict(stages[name].done_manifest()["outputs"])
-
-    def run(name: str, settings: dict[str, Any], compute: Any, training: bool = False) -> None:
-        stage = stages[name]
-        clock = time.perf_counter()
-        state = stage.check(settings)
-        if state == "done":
-            recorded = float(stage.done_manifest().get("seconds", 0.0))
-            results.append(StageResult(name, stage.dir, True, time.perf_counter() - clock, recorded))
-            log.info("ST++ stage %s: finished earlier, reused (%s)", name, stage.dir)
-            return
-        resume = training and state == "started" and (stage.dir / "checkpoints" / "last.ckpt").is_file()
-        stage.start(settings, fresh=not resume)
-        log.info("ST++ stage %s: %s (%s)", name, "resuming" if resume else "running", stage.dir)
-        started = time.perf_counter()
-        artefacts, produced = compute(stage, resume)
-        # rounded as the manifest keeps it, so that a later reuse of the stage reports the same
-        seconds = round(time.perf_counter() - started, 3)
-        stage.finish(settings, artefacts, produced, seconds)
-        results.append(StageResult(name, stage.dir, False, time.perf_counter() - clock, seconds))
-
-    # 1. supervised training with snapshots
-    snapshot_steps = config.snapshot_steps
-
-    def supervised(stage: _Stage, resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        snapshots = _Snapshots(stage.dir / "checkpoints", snapshot_steps)
-        best = _train(config, stage, source, s1, resume, snapshots)
-        paths = [snapshots.path(s) for s in snapshot_steps]
-        rel = [p.relative_to(stage.dir).as_posix() for p in paths]
-        return [best, *paths], {"best": best.relative_to(stage.dir).as_posix(), "snapshots": rel}
-
-    run(
-        "supervised", {**training_settings(s1), "stpp.snapshot_steps": list(snapshot_steps)}, supervised, True
-    )
-
-    # 2. reliability of each unlabeled image
-    def reliability(stage: _Stage, resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        folder = stages["supervised"].dir
-        snapshots = [folder / rel for rel in outputs("supervised")["snapshots"]]
-        scores = _reliability(source, unlabeled, snapshots, options, device)
-        path = stage.dir / "reliability.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(scores, indent=2) + "\n")
-        return [path], {"reliability": "reliability.json"}
-
-    run(
-        "reliability",
-        {
-            "after.supervised": fingerprint("supervised"),
-            "stpp.empty_iou": options.empty_iou,
-            "stpp.reliable_fraction": options.reliable_fraction,
-        },
-        reliability,
-    )
-    scores = json.loads((stages["reliability"].dir / "reliability.json").read_text())
-    reliable, unreliable = list(scores["reliable"]), list(scores["unreliable"])
     tta = {"stpp.tta_scales": list(options.tta_scales), "stpp.tta_flip": options.tta_flip}
-
-    # 3. pseudo-labels of the reliable images (stage 1's best model, with TTA)
-    def pseudo_reliable(stage: _Stage, resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        best = stages["supervised"].dir / outputs("supervised")["best"]
-        written = _pseudo_label(source, unlabeled, reliable, best, options, stage.dir / "masks", device)
-        return written, {"masks": "masks"}
-
-    run(
-        "pseudo_reliable",
-        {
-            "after.supervised": fingerprint("supervised"),
-            "after.reliability": fingerprint("reliability"),
-            **tta,
-        },
-        pseudo_reliable,
-    )
     retrain = {
         "stpp.oversample_labeled": options.oversample_labeled,
         "stpp.strong_augmentation": options.strong_augmentation_args(),
     }
 
-    def retraining(masks: Mapping[str, Path], max_steps: int) -> Any:
-        def compute(stage: _Stage, resume: bool) -> tuple[list[Path], dict[str, Any]]:
-            folder_args = _write_training_folder(
-                stage.dir / "data", split, unlabeled, masks, options.oversample_labeled
-            )
-            best = _train(
-                config, stage, _retraining_datamodule(source, folder_args, options), max_steps, resume
-            )
-            return [best], {"best": best.relative_to(stage.dir).as_posix(), "pseudo_labelled": len(masks)}
-
-        return compute
-
+    # 1. supervised training with snapshots
+    settings = {**config.run_settings(s1), "stpp.snapshot_steps": list(config.snapshot_steps)}
+    stages.run("supervised", settings, lambda folder, resume: supervised_stage(config, folder, resume), True)
+    # 2. reliability of each unlabeled image
+    snapshots = [stages.dir("supervised") / rel for rel in stages.output("supervised", "snapshots")]
+    settings = {
+        "after.supervised": stages.fingerprint("supervised"),
+        "stpp.empty_iou": options.empty_iou,
+        "stpp.reliable_fraction": options.reliable_fraction,
+    }
+    stages.run("reliability", settings, lambda folder, _: reliability_stage(config, folder, snapshots))
+    scores = json.loads(stages.path("reliability", "reliability").read_text())
+    reliable, unreliable = list(scores["reliable"]), list(scores["unreliable"])
+    # 3. pseudo-labels of the reliable images (stage 1's best model, with TTA)
+    first = stages.path("supervised", "best")
+    settings = {
+        "after.supervised": stages.fingerprint("supervised"),
+        "after.reliability": stages.fingerprint("reliability"),
+        **tta,
+    }
+    stages.run(
+        "pseudo_reliable", settings, lambda folder, _: pseudo_label_stage(config, folder, first, reliable)
+    )
     # 4. retraining on the labeled and the reliable pseudo-labelled images
-    reliable_masks = {n: stages["pseudo_reliable"].dir / "masks" / f"{n}.png" for n in reliable}
-    run(
+    reliable_masks = {n: stages.path("pseudo_reliable", "masks") / f"{n}.png" for n in reliable}
+    settings = {
+        **config.run_settings(s4),
+        "after.pseudo_reliable": stages.fingerprint("pseudo_reliable"),
+        **retrain,
+    }
+    stages.run(
         "retrain_reliable",
-        {**training_settings(s4), "after.pseudo_reliable": fingerprint("pseudo_reliable"), **retrain},
-        retraining(reliable_masks, s4),
+        settings,
+        lambda folder, resume: retrain_stage(config, folder, reliable_masks, s4, resume),
         True,
     )
-
     # 5. pseudo-labels of the other (or all) unlabeled images by the retrained model
-    def pseudo_all(stage: _Stage, resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        best = stages["retrain_reliable"].dir / outputs("retrain_reliable")["best"]
-        folder = stage.dir / "masks"
-        names = sorted(unlabeled) if options.relabel == "all" else unreliable
-        written = _pseudo_label(source, unlabeled, names, best, options, folder, device)
-        if options.relabel == "unreliable":
-            for path in reliable_masks.values():
-                shutil.copy2(path, folder / path.name)
-                written.append(folder / path.name)
-        return written, {"masks": "masks", "relabelled": len(names)}
-
-    run(
-        "pseudo_all",
-        {
-            "after.retrain_reliable": fingerprint("retrain_reliable"),
-            "after.pseudo_reliable": fingerprint("pseudo_reliable"),
-            "after.reliability": fingerprint("reliability"),
-            "stpp.relabel": options.relabel,
-            **tta,
-        },
-        pseudo_all,
+    second = stages.path("retrain_reliable", "best")
+    relabel = sorted(unlabeled) if options.relabel == "all" else unreliable
+    keep = reliable_masks if options.relabel == "unreliable" else None
+    settings = {
+        "after.retrain_reliable": stages.fingerprint("retrain_reliable"),
+        "after.pseudo_reliable": stages.fingerprint("pseudo_reliable"),
+        "after.reliability": stages.fingerprint("reliability"),
+        "stpp.relabel": options.relabel,
+        **tta,
+    }
+    stages.run(
+        "pseudo_all", settings, lambda folder, _: pseudo_label_stage(config, folder, second, relabel, keep)
     )
-
     # 6. retraining on the labeled and all pseudo-labelled images
-    all_masks = {n: stages["pseudo_all"].dir / "masks" / f"{n}.png" for n in unlabeled}
-    run(
+    all_masks = {n: stages.path("pseudo_all", "masks") / f"{n}.png" for n in unlabeled}
+    settings = {**config.run_settings(s6), "after.pseudo_all": stages.fingerprint("pseudo_all"), **retrain}
+    stages.run(
         "retrain_all",
-        {**training_settings(s6), "after.pseudo_all": fingerprint("pseudo_all"), **retrain},
-        retraining(all_masks, s6),
+        settings,
+        lambda folder, resume: retrain_stage(config, folder, all_masks, s6, resume),
         True,
     )
-    final = stages["retrain_all"].dir / outputs("retrain_all")["best"]
     return STPPResult(
-        checkpoint=final,
-        stages=tuple(results),
-        reliability=stages["reliability"].dir / "reliability.json",
-        pseudo_labels=stages["pseudo_all"].dir / "masks",
+        checkpoint=stages.path("retrain_all", "best"),
+        stages=tuple(stages.results),
+        reliability=stages.path("reliability", "reliability"),
+        pseudo_labels=stages.path("pseudo_all", "masks"),
     )
 
 
@@ -967,74 +1048,3 @@ def _check_order(stages: Mapping[str, _Stage]) -> None:
                 f"({', '.join(later)}) have one: they were made from another {name!r} result and cannot be "
                 "reused. Delete their folders too, or pass another `out_dir`."
             )
-
-
-def stpp_run(
-    datamodule: SemiSupervisedDataModule | None = None,
-    *,
-    datamodule_class: str | type | None = None,
-    datamodule_args: Mapping[str, Any] | None = None,
-    module_args: Mapping[str, Any] | None = None,
-    max_steps: int | Sequence[int],
-    val_every: int,
-    out_dir: str | os.PathLike[str],
-    precision: str = "32-true",
-    accelerator: str = "auto",
-    seed: int = 0,
-    options: STPPOptions | Mapping[str, Any] | None = None,
-    progress_bar: bool = False,
-) -> STPPResult:
-    """ST++ for the reproduction runner: what it has per run in, the final checkpoint and timings out.
-
-    Give the datamodule as an instance, or as its class (or class path) and arguments. The returned
-    :attr:`STPPResult.checkpoint` is a SupervisedModule checkpoint selected on validation: validate and
-    test it on the same datamodule as any other run's best checkpoint;
-    :attr:`STPPResult.stage_seconds` holds the stages' times.
-
-    Args:
-        datamodule: The datamodule.
-        datamodule_class: Its class or dotted class path, instead of ``datamodule``.
-        datamodule_args: Arguments of ``datamodule_class``.
-        module_args: SupervisedModule arguments (the runner's method config ``init_args`` with its
-            ``network_seed``).
-        max_steps: Steps of each training (one integer for all three, or three).
-        val_every: Validation interval in steps.
-        out_dir: The run's folder (the stages go in it).
-        precision: Trainer precision.
-        accelerator: Trainer accelerator.
-        seed: ``lightning.seed_everything`` seed before each training.
-        options: ST++ options (an :class:`STPPOptions` or a config's ``stpp:`` mapping).
-        progress_bar: Show Lightning's progress bar.
-
-    Returns:
-        See :func:`run_stpp`.
-
-    Raises:
-        ValueError: If neither or both of ``datamodule`` and ``datamodule_class`` are given, or as
-            :class:`STPPConfig` and :func:`run_stpp`.
-    """
-    if (datamodule is None) == (datamodule_class is None):
-        raise ValueError(
-            "Give ST++ its data either as `datamodule` or as `datamodule_class` (with `datamodule_args`): "
-            "one of the two."
-        )
-    if datamodule is None:
-        cls = import_object(datamodule_class) if isinstance(datamodule_class, str) else datamodule_class
-        assert cls is not None
-        datamodule = cls(**dict(datamodule_args or {}))
-    if options is None:
-        options = STPPOptions()
-    elif not isinstance(options, STPPOptions):
-        options = STPPOptions.from_mapping(options)
-    config = STPPConfig(
-        datamodule=datamodule,
-        max_steps=max_steps,
-        val_every=val_every,
-        module_args=dict(module_args or {}),
-        precision=precision,
-        accelerator=accelerator,
-        seed=seed,
-        options=options,
-        progress_bar=progress_bar,
-    )
-    return run_stpp(config, out_dir)

@@ -543,7 +543,7 @@ def _train_stpp(args: argparse.Namespace, run: _Run) -> tuple[Any, str, float, d
     ``stpp`` entry.
     """
     from gpcps_lightning.checkpointing import read_checkpoint
-    from gpcps_lightning.pipelines.stpp import stpp_run
+    from gpcps_lightning.tools.stpp import stpp_run
     from gpcps_lightning.training import evaluation_trainer
 
     result = stpp_run(
