@@ -53,11 +53,17 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from gpcps_lightning._lightning_internals import LightningCLIHooks
 from gpcps_lightning._utils import TRACEBACK_ENV, import_object, traceback_requested
 from gpcps_lightning._version import __version__
-from gpcps_lightning.callbacks import BestCheckpoint, LossProgressBar, PredictionWriter, ValidationImagePanel
+from gpcps_lightning.callbacks import (
+    BestCheckpoint,
+    LoaderWorkerThreads,
+    LossProgressBar,
+    PredictionWriter,
+    ValidationImagePanel,
+)
 from gpcps_lightning.checkpointing import SafeCheckpointIO, read_checkpoint
 from gpcps_lightning.loggers import quiet_wandb_init, resolve_wandb_mode
 from gpcps_lightning.methods.base import SegmentationModule
-from gpcps_lightning.threads import apply_thread_policy
+from gpcps_lightning.threads import apply_thread_policy, policy_overridden
 
 __all__ = [
     "EXTRA_COMMANDS",
@@ -430,7 +436,11 @@ class GPCPSCLI(LightningCLIHooks):
         trainer = super().instantiate_trainer(**kwargs)
         if isinstance(trainer.accelerator, CPUAccelerator):
             # PyTorch's one thread per core stalls when another process is busy (docs/performance.md)
-            apply_thread_policy(int(getattr(self.datamodule, "num_workers", 0) or 0))
+            workers = int(getattr(self.datamodule, "num_workers", 0) or 0)
+            apply_thread_policy(workers)
+            if workers and not policy_overridden():
+                # the workers, by their measured use (Trainer declares no type for `callbacks`)
+                trainer.callbacks.append(LoaderWorkerThreads())  # type: ignore[attr-defined]
         return trainer
 
     def select_trainer_callbacks(self, config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:

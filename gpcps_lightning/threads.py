@@ -6,10 +6,11 @@ beside one other CPU-bound process ran 10-20 times slower than alone instead of 
 (docs/performance.md, "Sharing the CPU"). The policy here counts the cores this process may use and the
 cores other processes keep busy (measured over a quarter of a second from ``/proc/stat`` when the run
 starts; the 1-minute load average where there is no ``/proc/stat``), and gives PyTorch the cores that are
-left, at least one. The run's own data-loader workers get no core of their own: they prepare a few
-batches ahead and then wait, and the quickstart's one worker used a small share of a core while a core
-reserved for it cost the training almost half its speed (docs/performance.md). ``GPCPS_NUM_THREADS`` or
-an explicit ``OMP_NUM_THREADS`` overrides the policy, for example with loaders that decode large images.
+left, at least one. The run's own data-loader workers are counted by their measured use, once they run
+(:func:`threads_after_workers`, applied by :class:`~gpcps_lightning.callbacks.LoaderWorkerThreads`): the
+quickstart's one worker used 0.01 of a core, and a core reserved for it up front cost the training
+almost half its speed (docs/performance.md). ``GPCPS_NUM_THREADS`` or an explicit ``OMP_NUM_THREADS``
+overrides the policy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "THREADS_ENV",
@@ -24,7 +26,10 @@ __all__ = [
     "apply_thread_policy",
     "available_cores",
     "busy_cores",
+    "child_cpu_seconds",
     "choose_threads",
+    "policy_overridden",
+    "threads_after_workers",
 ]
 
 #: Environment variable that sets the number of intra-op threads outright.
@@ -81,8 +86,8 @@ def choose_threads(
     """The number of PyTorch intra-op threads for a CPU training.
 
     Args:
-        loader_workers: Data-loader worker processes of the run: named in the reason, not given a core
-            (they mostly wait; see the module's docstring).
+        loader_workers: Data-loader worker processes of the run: named in the reason, and counted later
+            by their measured use (:func:`threads_after_workers`), not given a core up front.
         cores: Cores this process may use (default: its CPU affinity).
         load: Cores other processes keep busy (default: :func:`busy_cores`).
         environ: Environment to read ``GPCPS_NUM_THREADS`` and ``OMP_NUM_THREADS`` from (default:
@@ -111,8 +116,56 @@ def choose_threads(
     return ThreadChoice(
         threads,
         f"{cores} cores available, {busy} kept busy by other processes ({load:.1f} cores in use); "
-        f"{loader_workers} data-loader workers, not given a core of their own",
+        f"{loader_workers} data-loader workers, counted by their use once they run",
     )
+
+
+def policy_overridden(environ: dict[str, str] | None = None) -> bool:
+    """Whether ``GPCPS_NUM_THREADS`` or ``OMP_NUM_THREADS`` sets the threads (then nothing adjusts them)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(THREADS_ENV)) or (
+        env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) >= 1
+    )
+
+
+def _cpu_seconds(pid: int | str, children: bool = False) -> float:
+    """User + system CPU seconds of a process, or of its waited-for children, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    first = 13 if children else 11  # cutime, cstime or utime, stime (fields 16-17 or 14-15 of proc(5))
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
+
+
+def _parent(pid: str) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def child_cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU seconds used so far by the child processes of ``pid`` (default: this process).
+
+    The living children's own user + system time plus that of the children already waited for, from
+    ``/proc``; ``None`` where there is no ``/proc`` (not Linux) or ``pid`` is gone.
+    """
+    pid = os.getpid() if pid is None else pid
+    try:
+        total = _cpu_seconds(pid, children=True)
+    except (OSError, ValueError, IndexError):
+        return None
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _parent(entry.name) == pid:
+                    total += _cpu_seconds(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue  # the process ended meanwhile
+    return total
+
+
+def threads_after_workers(threads: int, worker_cores: float) -> int:
+    """The threads left once data-loader workers are seen to use ``worker_cores`` cores, at least 1.
+
+    Whole cores only: workers that use less than half a core together keep every thread.
+    """
+    return max(1, threads - round(worker_cores))
 
 
 def apply_thread_policy(loader_workers: int = 0, *, announce: bool = True) -> ThreadChoice:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpcps_lightning.threads import available_cores, choose_threads
+from gpcps_lightning.threads import available_cores, child_cpu_seconds, choose_threads
 
 #: The quickstart's network and sizes (examples/configs/quickstart.yaml).
 BENCH = [
@@ -60,31 +60,6 @@ def _bench(threads: int, steps: int, warmup: int) -> dict[str, Any]:
     return {"threads": threads, "median_step_s": median, "steps_per_s": 1.0 / median, "wall_s": seconds}
 
 
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "configs" / "quickstart.yaml"
 
 
@@ -98,12 +73,9 @@ def _fit(folder: Path, steps: int, threads: int | None) -> dict[str, Any]:
         env["GPCPS_NUM_THREADS"] = str(threads)
     clock = time.perf_counter()
     process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, text=True)
-    worker_cpu: dict[int, float] = {}
+    worker_cpu = 0.0  # the fit's children (its loader workers), read until the fit ends
     while process.poll() is None:
-        for pid in _descendants(process.pid):
-            seconds = _cpu_seconds(pid)
-            if seconds is not None:
-                worker_cpu[pid] = seconds
+        worker_cpu = child_cpu_seconds(process.pid) or worker_cpu
         time.sleep(0.5)
     seconds = time.perf_counter() - clock
     out = process.stdout.read() if process.stdout else ""
@@ -114,8 +86,8 @@ def _fit(folder: Path, steps: int, threads: int | None) -> dict[str, Any]:
         "steps": steps,
         "wall_s": seconds,
         "thread_line": said[0] if said else None,
-        "worker_cpu_s": sum(worker_cpu.values()),
-        "worker_cores_used": sum(worker_cpu.values()) / seconds,
+        "worker_cpu_s": worker_cpu,
+        "worker_cores_used": worker_cpu / seconds,
     }
 
 

@@ -286,6 +286,27 @@ def test_default_callbacks_and_their_opt_outs() -> None:
     assert not any(isinstance(c, (ModelCheckpoint, LossProgressBar)) for c in cli.trainer.callbacks)
 
 
+def test_loader_workers_are_counted_by_use_on_the_cpu_unless_threads_are_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gpcps_lightning.callbacks import LoaderWorkerThreads
+
+    def counted(*args: str) -> bool:
+        data = ["--data", "gpcps_lightning.SyntheticPolypDataModule", "--data.root", str(tmp_path)]
+        cli = GPCPSCLI(args=["--config", TINY, *data, *args], run=False)
+        return any(isinstance(c, LoaderWorkerThreads) for c in cli.trainer.callbacks)
+
+    before = torch.get_num_threads()
+    try:
+        assert not counted("--data.num_workers", "1")  # conftest sets GPCPS_NUM_THREADS
+        monkeypatch.delenv("GPCPS_NUM_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert counted("--data.num_workers", "1")
+        assert not counted("--data.num_workers", "0")
+    finally:
+        torch.set_num_threads(before)  # the policy chose threads from this machine's load
+
+
 def test_model_defaults_to_gpcps(tmp_path: Path) -> None:
     cli = GPCPSCLI(
         args=[

@@ -14,6 +14,8 @@
   scheduler for them).
 - :class:`LossProgressBar` (:mod:`~gpcps_lightning.callbacks.progress`) shows the loss terms and the
   validation Dice with short names.
+- :class:`LoaderWorkerThreads` (:mod:`~gpcps_lightning.callbacks.threads`) counts the data-loader
+  workers in the CPU thread policy by their measured use.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gpcps_lightning.callbacks.images import (
 )
 from gpcps_lightning.callbacks.lr_schedule import LRSchedule
 from gpcps_lightning.callbacks.progress import LossProgressBar
+from gpcps_lightning.callbacks.threads import LoaderWorkerThreads
 from gpcps_lightning.callbacks.writer import PredictionWriter
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "PREDICTION_COLOR",
     "BestCheckpoint",
     "LRSchedule",
+    "LoaderWorkerThreads",
     "LossProgressBar",
     "PredictionWriter",
     "PredictionsPicture",
