@@ -1023,7 +1023,7 @@ def test_pilot_tables_hand_worked(tmp_path: Path) -> None:
     ]
     records += [
         pilot("cps", 0, [0.3, 0.5, 0.6, 0.655], "ensemble"),
-        pilot("cps", 1, [0.3, 0.5, 0.6, 0.64], "ensemble"),
+        pilot("cps", 1, [0.3, 0.5, 0.6, 0.649], "ensemble"),
     ]
     # the mean of the validations after three quarters of the run (step 1000) minus that of the quarter
     # before (step 750)
@@ -1034,10 +1034,16 @@ def test_pilot_tables_hand_worked(tmp_path: Path) -> None:
     assert late_gain(noisy) == pytest.approx(61.2667 - 59.05, abs=1e-3)
     text = make_tables(load_records(_write(tmp_path, records)))
     sup = _row(text, "| UNet (supervised)")
-    assert "| 60.25 ± 0.35, n=2 (s0 60.50, s1 60.00) | 1.25 ± 1.06, n=2 | 3.00 ± 1.41, n=2 |" in sup
-    diffs = [5.0, 4.0]
-    half = t_quantile(1) * statistics.stdev(diffs) / 2**0.5
-    assert f"| s0 +5.00, s1 +4.00 | +4.50 | [{4.5 - half:+.2f}, {4.5 + half:+.2f}] |" in text
+    # criterion (a): a mean gain of 1.25 points over the last quarter is not converged; the CPS row's
+    # (5.5 + 4.9) / 2 = 5.2 neither
+    assert "| 60.25 ± 0.35, n=2 (s0 60.50, s1 60.00) | 1.25 ± 1.06, n=2 | no | 3.00 ± 1.41, n=2 |" in sup
+    diffs = [5.0, 4.9]
+    half = t_quantile(1) * statistics.stdev(diffs) / 2**0.5  # 0.64: the interval lies above 0
+    assert f"| s0 +5.00, s1 +4.90 | +4.95 | [{4.95 - half:+.2f}, {4.95 + half:+.2f}] | above 0 |" in text
+    converged = pilot("supervised", 0, [0.3, 0.5, 0.60, 0.605])
+    converged["val_curve"]["dice_net1"] = [0.3, 0.5, 0.600, 0.609]
+    one = make_tables(load_records(_write(tmp_path / "one", [converged])))
+    assert "| 0.90, n=1 | yes |" in one
     with pytest.raises(ValueError, match="mix validation-only runs"):
         make_tables(load_records(_write(tmp_path / "mixed", [records[0], _record("gpcps", 0.125, 0, 0.5)])))
     no_curve = {k: v for k, v in records[0].items() if k != "val_curve"}
