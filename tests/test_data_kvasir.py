@@ -316,7 +316,16 @@ def test_regenerating_resources_from_a_copy_gives_the_shipped_split(standin: Pat
     from gpcps_lightning.data.kvasir import main
 
     assert main(["--root", str(standin / "Kvasir-SEG"), "--out", str(tmp_path / "out")]) == 0
-    for key in ("train", "val", "test", "labeled_1-2", "labeled_1-4", "labeled_1-8", "labeled_1-16"):
+    for key in (
+        "train",
+        "val",
+        "test",
+        "labeled_1-2",
+        "labeled_1-4",
+        "labeled_1-8",
+        "labeled_1-16",
+        "labeled_1-32",
+    ):
         assert (tmp_path / "out" / f"{key}.txt").read_text() == kvasir_seg_resource(f"{key}.txt").read_text()
     assert len((tmp_path / "out" / "SHA256SUMS").read_text().splitlines()) == 2000
 

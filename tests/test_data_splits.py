@@ -147,9 +147,9 @@ def test_kvasir_split_files_sizes_disjoint_nested() -> None:
     train, val, test = _shipped("train"), _shipped("val"), _shipped("test")
     assert (len(train), len(val), len(test)) == (800, 100, 100)
     assert len(set(train) | set(val) | set(test)) == 1000
-    labeled = {s: set(_shipped(f"labeled_{s}")) for s in ("1-2", "1-4", "1-8", "1-16")}
-    assert [len(v) for v in labeled.values()] == [400, 200, 100, 50]
-    assert labeled["1-16"] < labeled["1-8"] < labeled["1-4"] < labeled["1-2"] < set(train)
+    labeled = {s: set(_shipped(f"labeled_{s}")) for s in ("1-2", "1-4", "1-8", "1-16", "1-32")}
+    assert [len(v) for v in labeled.values()] == [400, 200, 100, 50, 25]
+    assert labeled["1-32"] < labeled["1-16"] < labeled["1-8"] < labeled["1-4"] < labeled["1-2"] < set(train)
 
 
 def test_kvasir_split_files_regenerate_from_seed() -> None:

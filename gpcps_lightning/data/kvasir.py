@@ -3,7 +3,7 @@
 The package ships, in ``gpcps_lightning/data/resources/kvasir_seg/``:
 
 - ``train.txt``, ``val.txt``, ``test.txt``: one fixed random 800/100/100 split of the 1000 pairs;
-- ``labeled_1-2.txt`` ... ``labeled_1-16.txt``: labeled subsets of the 800 (400/200/100/50 names),
+- ``labeled_1-2.txt`` ... ``labeled_1-32.txt``: labeled subsets of the 800 (400/200/100/50/25 names),
   nested (1/16 in 1/8 in 1/4 in 1/2);
 - ``SHA256SUMS``: the SHA-256 of the 2000 files (``images/<id>.jpg``, ``masks/<id>.jpg``).
 
@@ -63,7 +63,13 @@ KVASIR_SEG_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
 #: Seed the shipped split files were made with (see :func:`make_kvasir_seg_splits`).
 KVASIR_SEG_SPLIT_SEED = 2020
 #: Shipped labeled fractions and the suffix of their split files.
-KVASIR_SEG_FRACTIONS: dict[float, str] = {1 / 2: "1-2", 1 / 4: "1-4", 1 / 8: "1-8", 1 / 16: "1-16"}
+KVASIR_SEG_FRACTIONS: dict[float, str] = {
+    1 / 2: "1-2",
+    1 / 4: "1-4",
+    1 / 8: "1-8",
+    1 / 16: "1-16",
+    1 / 32: "1-32",
+}
 _ARCHIVE_FOLDER = "Kvasir-SEG"
 
 
@@ -85,7 +91,7 @@ def make_kvasir_seg_splits(names: Sequence[str], seed: int = KVASIR_SEG_SPLIT_SE
         seed: Seed of the shuffles.
 
     Returns:
-        ``{"train": ..., "val": ..., "test": ..., "labeled_1-2": ..., ..., "labeled_1-16": ...}``, each
+        ``{"train": ..., "val": ..., "test": ..., "labeled_1-2": ..., ..., "labeled_1-32": ...}``, each
         sorted; the labeled subsets are the first ``round(f * n_train)`` names of one seeded permutation
         of the sorted training names, hence nested.
     """
@@ -175,7 +181,7 @@ def write_kvasir_seg_resources(
 
     Args:
         data_dir: Folder with ``images/`` and ``masks/`` (1000 pairs).
-        out_dir: Where to write ``train.txt``, ..., ``labeled_1-16.txt`` and ``SHA256SUMS``.
+        out_dir: Where to write ``train.txt``, ..., ``labeled_1-32.txt`` and ``SHA256SUMS``.
         seed: Split seed.
 
     Returns:
@@ -398,8 +404,8 @@ class KvasirSEGDataModule(SemiSupervisedDataModule):
         if not matches:
             raise ValueError(
                 f"`labeled_fraction`={self.labeled_fraction} has no shipped Kvasir-SEG split; use one of "
-                "0.5, 0.25, 0.125, 0.0625 (1/2, 1/4, 1/8, 1/16 of the 800 training images), or "
-                "FolderDataModule for other fractions."
+                "0.5, 0.25, 0.125, 0.0625, 0.03125 (1/2, 1/4, 1/8, 1/16, 1/32 of the 800 training images), "
+                "or FolderDataModule for other fractions."
             )
         self.labeled_split_name = f"labeled_{matches[0]}"
         self.root = root

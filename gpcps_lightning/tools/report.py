@@ -60,7 +60,7 @@ PAPER_TABLE2: dict[str, tuple[str, float]] = {
     "III": ("L_sup + L_semi", 66.71),
     "IV": ("L_sup + L_grad + L_semi", 76.64),
 }
-FRACTION_NAMES = {0.5: "1/2", 0.25: "1/4", 0.125: "1/8", 0.0625: "1/16"}
+FRACTION_NAMES = {0.5: "1/2", 0.25: "1/4", 0.125: "1/8", 0.0625: "1/16", 0.03125: "1/32"}
 #: Keys a record needs to be tabulated.
 REQUIRED_KEYS = ("method", "fraction", "seed", "settings", "selection_head", "val", "test")
 #: Settings shown for every settings id under the tables (besides those that differ between ids).
