@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,9 @@ def choose_threads(
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}.")
         return ThreadChoice(int(value), f"{THREADS_ENV}={value}")
-    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) >= 1:
-        return ThreadChoice(int(env["OMP_NUM_THREADS"]), f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+    omp = _omp_threads(env)
+    if omp is not None:
+        return ThreadChoice(omp, f"OMP_NUM_THREADS={omp}")
     cores = available_cores() if cores is None else cores
     if load is None:
         load = busy_cores()
@@ -120,23 +122,27 @@ def choose_threads(
     )
 
 
-def policy_overridden(environ: dict[str, str] | None = None) -> bool:
+def _omp_threads(env: Mapping[str, str]) -> int | None:
+    """``OMP_NUM_THREADS`` when it is a positive integer, else ``None``."""
+    value = env.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
+def policy_overridden(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``GPCPS_NUM_THREADS`` or ``OMP_NUM_THREADS`` sets the threads (then nothing adjusts them)."""
     env = os.environ if environ is None else environ
-    return bool(env.get(THREADS_ENV)) or (
-        env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) >= 1
-    )
+    return bool(env.get(THREADS_ENV)) or _omp_threads(env) is not None
 
 
-def _cpu_seconds(pid: int | str, children: bool = False) -> float:
-    """User + system CPU seconds of a process, or of its waited-for children, from ``/proc``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (``fields[1]`` is the parent's pid)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(fields: list[str], children: bool = False) -> float:
+    """User + system CPU seconds of a process, or of its waited-for children, from its stat fields."""
     first = 13 if children else 11  # cutime, cstime or utime, stime (fields 16-17 or 14-15 of proc(5))
     return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
-
-
-def _parent(pid: str) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def child_cpu_seconds(pid: int | None = None) -> float | None:
@@ -147,14 +153,15 @@ def child_cpu_seconds(pid: int | None = None) -> float | None:
     """
     pid = os.getpid() if pid is None else pid
     try:
-        total = _cpu_seconds(pid, children=True)
+        total = _cpu_seconds(_stat(pid), children=True)
     except (OSError, ValueError, IndexError):
         return None
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if _parent(entry.name) == pid:
-                    total += _cpu_seconds(entry.name)
+                fields = _stat(entry.name)
+                if int(fields[1]) == pid:
+                    total += _cpu_seconds(fields)
             except (OSError, ValueError, IndexError):
                 continue  # the process ended meanwhile
     return total
