@@ -23,7 +23,7 @@ from gpcps_lightning.callbacks.checkpoint import BestCheckpoint
 from gpcps_lightning.callbacks.lr_schedule import LRSchedule
 from gpcps_lightning.checkpointing import SafeCheckpointIO
 
-__all__ = ["TrainingSpec", "build_trainer", "evaluation_trainer"]
+__all__ = ["TrainingSpec", "build_trainer", "evaluation_trainer", "selected_checkpoint"]
 
 #: Learning-rate schedules a :class:`TrainingSpec` can name.
 LR_SCHEDULES = ("constant", "cosine")
@@ -103,6 +103,21 @@ def build_trainer(
         default_root_dir=folder,
     )
     return trainer, checkpoint
+
+
+def selected_checkpoint(checkpoint: BestCheckpoint, folder: str | Path) -> Path | None:
+    """The best checkpoint of the training in ``folder`` (of :func:`build_trainer`) after ``fit``.
+
+    The callback's ``best_model_path``; or ``folder/checkpoints/best.ckpt`` when the callback names
+    none, or names another folder (a run resumed after its folder was moved: the restored state names
+    the old one); ``None`` when there is no best checkpoint.
+    """
+    checkpoints = Path(folder) / "checkpoints"
+    named = checkpoint.best_model_path
+    if named and Path(named).resolve().parent == checkpoints.resolve():
+        return Path(named)
+    fallback = checkpoints / "best.ckpt"
+    return fallback if fallback.is_file() else None
 
 
 def evaluation_trainer(spec: TrainingSpec, folder: str | Path) -> L.Trainer:

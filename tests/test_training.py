@@ -136,3 +136,19 @@ def test_the_best_checkpoint_state_is_taken_over_only_when_its_own_is_missing() 
     unrelated: dict[str, Any] = {"callbacks": {legacy: {"best_model_score": 1.0}}}
     other.on_load_checkpoint(None, None, unrelated)  # type: ignore[arg-type]
     assert unrelated["callbacks"] == {legacy: {"best_model_score": 1.0}}
+
+
+def test_selected_checkpoint_is_the_callbacks_inside_the_folder_else_best_ckpt(tmp_path: Path) -> None:
+    from gpcps_lightning.training import selected_checkpoint
+
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    callback = BestCheckpoint(dirpath=str(folder / "checkpoints"))
+    assert selected_checkpoint(callback, folder) is None  # nothing selected, no best.ckpt
+    (folder / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    assert selected_checkpoint(callback, folder) == folder / "checkpoints" / "best.ckpt"
+    callback.best_model_path = str(folder / "checkpoints" / "best-v1.ckpt")
+    assert selected_checkpoint(callback, folder) == folder / "checkpoints" / "best-v1.ckpt"
+    # restored from a run whose folder was moved: the state names the old folder
+    callback.best_model_path = str(tmp_path / "old" / "checkpoints" / "best.ckpt")
+    assert selected_checkpoint(callback, folder) == folder / "checkpoints" / "best.ckpt"

@@ -65,7 +65,7 @@ from gpcps_lightning.inference.tta import TTA_SCALES, tta_probabilities
 from gpcps_lightning.methods.base import SegmentationModule
 from gpcps_lightning.methods.supervised import SupervisedModule
 from gpcps_lightning.settings import jsonable, run_settings
-from gpcps_lightning.training import TrainingSpec, build_trainer
+from gpcps_lightning.training import TrainingSpec, build_trainer, selected_checkpoint
 
 __all__ = [
     "STAGES",
@@ -578,13 +578,9 @@ def _train(
     )
     last = folder / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else folder / "best.ckpt"
-    if (
-        best.resolve().parent != folder.resolve()
-    ):  # resumed after `out_dir` was moved: the state names the old one
-        best = folder / "best.ckpt"
+    best = selected_checkpoint(checkpoint, stage_dir)
     # val_every <= max_steps (checked by STPPConfig): every training validates, so there is a best one.
-    assert best.is_file(), f"ST++ wrote no best checkpoint in {folder}."
+    assert best is not None and best.is_file(), f"ST++ wrote no best checkpoint in {folder}."
     return best
 
 

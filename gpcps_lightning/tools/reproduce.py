@@ -498,18 +498,15 @@ def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> 
     and another for ``last.ckpt``, resumes with its best score so far: ``BestCheckpoint`` takes over the
     former's state (Lightning warns once that the latter's state has no callback).
     """
-    from gpcps_lightning.training import build_trainer
+    from gpcps_lightning.training import build_trainer, selected_checkpoint
 
     last = run.run_dir / "checkpoints" / "last.ckpt"
     trainer, checkpoint = build_trainer(_spec(args), run.run_dir, monitor=monitor)
     clock = time.perf_counter()
     trainer.fit(run.module, run.datamodule, ckpt_path=str(last) if resumed else None)
     seconds = time.perf_counter() - clock
-    best = checkpoint.best_model_path
-    folder = (run.run_dir / "checkpoints").resolve()
-    if not best or Path(best).resolve().parent != folder:  # a resumed run whose --out folder was moved
-        best = str(folder / "best.ckpt") if (folder / "best.ckpt").exists() else str(last)
-    return trainer, best, seconds
+    best = selected_checkpoint(checkpoint, run.run_dir)
+    return trainer, str(best or last), seconds
 
 
 def _stpp_options(config: MethodConfig) -> Any:
