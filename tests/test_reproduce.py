@@ -35,6 +35,7 @@ from gpcps_lightning.tools.report import (
     load_records,
     make_tables,
     run_flags,
+    seed_interval,
     sync_doc,
     t_quantile,
 )
@@ -743,8 +744,11 @@ def test_combined_interval_adds_the_seed_and_image_variances() -> None:
     seeds = [10.0, 12.0, 14.0]
     t_half = t_quantile(2) * statistics.stdev(seeds) / 3**0.5
     assert combined_interval(seeds, [5.0] * 10) == pytest.approx((12 - t_half, 12 + t_half))
+    assert seed_interval(seeds) == pytest.approx((12 - t_half, 12 + t_half))  # seeds 10, 12, 14: sd 2
     with pytest.raises(ValueError, match="two seeds"):
         combined_interval([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least two seeds, got 1"):
+        seed_interval([1.0])
 
 
 def test_paired_rows_mark_planned_comparisons_commits_and_the_interval_count(tmp_path: Path) -> None:

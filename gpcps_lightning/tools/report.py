@@ -40,6 +40,7 @@ __all__ = [
     "make_plot",
     "make_tables",
     "run_flags",
+    "seed_interval",
     "sync_doc",
     "t_quantile",
 ]
@@ -372,6 +373,20 @@ def _image_differences(
     return [statistics.fmean(b[n] - a[n] for a, b in scores) for n in names]  # type: ignore[index]
 
 
+def seed_interval(seed_diffs: Sequence[float]) -> tuple[float, float]:
+    """95% Student t interval of the mean over seeds: ``mean ± t(n-1) * s / sqrt(n)``.
+
+    Raises:
+        ValueError: With fewer than two seeds.
+    """
+    n = len(seed_diffs)
+    if n < 2:
+        raise ValueError(f"Need at least two seeds, got {n}.")
+    mean = statistics.fmean(seed_diffs)
+    half = t_quantile(n - 1) * statistics.stdev(seed_diffs) / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def combined_interval(seed_diffs: Sequence[float], image_diffs: Sequence[float]) -> tuple[float, float]:
     """95% interval of a paired difference carrying both sources of noise: seeds and test images.
 
@@ -504,9 +519,9 @@ def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
         mean = statistics.fmean(diffs)
         interval, excludes = "– (one seed)", "–"
         if len(diffs) > 1:
-            half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
-            excludes = "above 0" if mean - half > 0 else "below 0" if mean + half < 0 else "no"
+            low, high = seed_interval(diffs)
+            interval = f"[{low:+.2f}, {high:+.2f}]"
+            excludes = "above 0" if low > 0 else "below 0" if high < 0 else "no"
         per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
         name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
         lines.append(
@@ -547,8 +562,7 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
         pair_early, pair_late = [early[s] for s in shared], [late[s] for s in shared]
         images = _image_differences(pair_early, pair_late)
         if len(diffs) > 1:
-            half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+            interval = "[{:+.2f}, {:+.2f}]".format(*seed_interval(diffs))
             both = "–" if images is None else "[{:+.2f}, {:+.2f}]".format(*combined_interval(diffs, images))
         else:
             interval = both = "– (one seed)"
