@@ -40,6 +40,12 @@ BENCH = [
 ]  # fmt: skip
 
 
+def _unpinned_environ() -> dict[str, str]:
+    """This environment without the variables that pin a thread count (each run sets its own)."""
+    pins = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GPCPS_NUM_THREADS")
+    return {k: v for k, v in os.environ.items() if k not in pins}
+
+
 def _busy_loop() -> None:
     while True:
         pass
@@ -51,7 +57,7 @@ def _bench(threads: int, steps: int, warmup: int) -> dict[str, Any]:
         command = [sys.executable, "-m", "gpcps_lightning.tools.bench", *BENCH]
         command += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
         command += ["--json", str(out)]
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        env = _unpinned_environ()
         clock = time.perf_counter()
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - clock
@@ -68,7 +74,7 @@ def _fit(folder: Path, steps: int, threads: int | None) -> dict[str, Any]:
     command = [sys.executable, "-m", "gpcps_lightning", "fit", "--config", str(QUICKSTART)]
     command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
     command += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GPCPS_NUM_THREADS")}
+    env = _unpinned_environ()
     if threads is not None:
         env["GPCPS_NUM_THREADS"] = str(threads)
     clock = time.perf_counter()
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cores = available_cores()
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GPCPS_NUM_THREADS")}
+    env = _unpinned_environ()
     results: dict[str, Any] = {"cores": cores, "load_at_start": os.getloadavg()[0]}
     alone_choice = choose_threads(0, environ=env)
     results["alone"] = {
