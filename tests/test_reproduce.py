@@ -1053,3 +1053,37 @@ def test_pilot_tables_hand_worked(tmp_path: Path) -> None:
     no_curve = {k: v for k, v in records[0].items() if k != "val_curve"}
     with pytest.raises(ValueError, match="has no validation curve"):
         make_tables(load_records(_write(tmp_path / "nocurve", [no_curve])))
+
+
+def test_a_run_another_process_is_training_is_left_to_it_and_resumed_after(
+    tiny: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("fcntl")
+    out = _copy(tiny, tmp_path)
+    target = record_path(out, "supervised", 0.25, 0)
+    target.unlink()  # the run folder keeps last.ckpt: an unfinished run
+    lock = out / "runs" / "supervised" / "1of4" / "seed0" / ".lock"
+    holder = (
+        "import fcntl, sys, time\n"
+        "handle = open(sys.argv[1], 'a')\n"
+        "fcntl.flock(handle, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(_run_args(out, tiny["data"], tiny["config"])) == 0
+        printed = capsys.readouterr().out
+        assert "supervised fraction=0.25 seed=0: another process is training it" in printed
+        assert "1 run(s) were being trained by other processes" in printed
+        assert "authors_tiny fraction=0.25 seed=0: done, settings match, skipped" in printed
+        assert not target.exists()  # left to its owner, untouched
+    finally:
+        other.kill()
+        other.wait()
+    # the owner died: the operating system released its lock, and the next command resumes the run
+    assert main(_run_args(out, tiny["data"], tiny["config"])) == 0
+    assert "other processes" not in capsys.readouterr().out
+    assert json.loads(target.read_text())["resumed"]

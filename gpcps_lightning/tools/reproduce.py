@@ -7,7 +7,9 @@ full resolved configuration and the settings compared between runs
 and the scores. A method is a method config: a shipped one by name (``--methods gpcps``) or a YAML file
 with a LightningCLI ``model:`` block (``--method-config my.yaml``). A finished run (its record exists)
 is reused, and an interrupted one resumed from its ``last.ckpt``, only when its settings are the
-command's; otherwise ``run`` stops before training anything and names the settings that differ.
+command's; otherwise ``run`` stops before training anything and names the settings that differ. Several
+``run`` commands with the same grid share its runs: each trains the runs no other one is training (a lock
+file in each run folder) and leaves those to their owner.
 ``table`` prints the records as tables beside the paper's (:mod:`gpcps_lightning.tools.report`) and a plot;
 ``doc`` keeps a markdown file's generated tables equal to that output; ``methods`` lists the shipped
 method configs.
@@ -18,6 +20,7 @@ Also available as ``python -m gpcps_lightning.tools.reproduce``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -26,7 +29,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,6 +296,33 @@ def _reusable_record(run: _Run) -> dict[str, Any] | None:
                 "--out for these settings, or delete the folder to start that run afresh."
             )
     return None
+
+
+@contextlib.contextmanager
+def _claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold the run folder's lock while this process trains the run; ``False`` if another one holds it.
+
+    An exclusive, non-blocking ``flock`` on ``<run folder>/.lock``, so that two or more ``gpcps reproduce
+    run`` commands with the same grid share its runs out. The operating system releases the lock of a
+    process that dies, so its run resumes in the next command that reaches it. Without ``fcntl``
+    (Windows) every command trains every run it reaches: run one at a time there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms CI runs
+        yield True
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -854,11 +884,19 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = _run_dir(out, config.name, fraction, seed)
         if done or (run_dir / "checkpoints" / "last.ckpt").exists() or (run_dir / "settings.json").exists():
             _reusable_record(_build(args, config, fraction, seed))
+    elsewhere: list[str] = []
     for config, fraction, seed in grid:
-        done = record_path(out, config.name, fraction, seed).exists()
-        state = "done, settings match, skipped" if done else "running"
-        print(f"[reproduce] {config.name} fraction={fraction} seed={seed}: {state}", flush=True)
-        record = run_one(args, config, fraction, seed)
+        run_name = f"{config.name} fraction={fraction} seed={seed}"
+        target = record_path(out, config.name, fraction, seed)
+        run_dir = _run_dir(out, config.name, fraction, seed)
+        with contextlib.nullcontext(True) if target.exists() else _claimed(run_dir) as ours:
+            if not ours:
+                print(f"[reproduce] {run_name}: another process is training it (folder locked)", flush=True)
+                elsewhere.append(run_name)
+                continue
+            state = "done, settings match, skipped" if target.exists() else "running"
+            print(f"[reproduce] {run_name}: {state}", flush=True)
+            record = run_one(args, config, fraction, seed)
         head = record["selection_head"]
         scores = record["test"] if record["test"] is not None else record["val"]
         split_name = "test" if record["test"] is not None else "val"
@@ -869,6 +907,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         for flag in run_flags(record):
             print(f"[reproduce] warning: {config.name} fraction={fraction} seed={seed}: {flag}", flush=True)
+    if elsewhere:
+        print(
+            f"[reproduce] {len(elsewhere)} run(s) were being trained by other processes and have no record "
+            f"from this one: {'; '.join(elsewhere)}. Their records appear when those processes finish; "
+            "rerun this command then to check them (finished runs are skipped, an interrupted one resumes).",
+            flush=True,
+        )
     return 0
 
 
