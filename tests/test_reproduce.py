@@ -758,12 +758,16 @@ def test_paired_rows_mark_planned_comparisons_commits_and_the_interval_count(tmp
     records[3]["code"] = {"commit": "def5678"}
     records[3]["code_at_start"] = {"commit": "abc1234"}
     records[5]["code"] = {"commit": "fff0000"}
+    records += [_record("gpcps_lambda_4e-2", 0.125, s, 0.53) for s in (0, 1)]  # row IV at the paper's push
     text = make_tables(load_records(_write(tmp_path, records)))
     planned = _row(text, "| 1/8 | **planned:** GP-CPS `")
     assert "− gpcps_row_III" in planned and planned.endswith("| abc1234, def5678 |")
+    pushed = [line for line in text.splitlines() if line.startswith("| 1/8 | **planned:** gpcps_lambda_4e-2 `")]
+    assert len(pushed) == 1 and "− gpcps_row_III" in pushed[0]
     assert "planned" not in _row(text, "| 1/8 | gpcps_row_III")
+    assert "planned" not in _row(text, "| 1/8 | gpcps_lambda_4e-2 `")  # minus the UNet: exploratory
     assert _row(text, "| 1/8 | gpcps_row_III").endswith("| abc1234, fff0000 |")
-    assert "This block compares 3 pairs of rows, with up to three intervals each (up to 9 in all)" in text
+    assert "This block compares 6 pairs of rows, with up to three intervals each (up to 18 in all)" in text
 
 
 def test_committed_records_carry_the_settings_id_the_tables_print() -> None:
