@@ -762,8 +762,8 @@ def test_paired_rows_mark_planned_comparisons_commits_and_the_interval_count(tmp
     text = make_tables(load_records(_write(tmp_path, records)))
     planned = _row(text, "| 1/8 | **planned:** GP-CPS `")
     assert "− gpcps_row_III" in planned and planned.endswith("| abc1234, def5678 |")
-    pushed = [line for line in text.splitlines() if line.startswith("| 1/8 | **planned:** gpcps_lambda_4e-2 `")]
-    assert len(pushed) == 1 and "− gpcps_row_III" in pushed[0]
+    pushed = _row(text, "| 1/8 | **planned:** gpcps_lambda_4e-2 `")
+    assert "− gpcps_row_III" in pushed and text.count("**planned:** gpcps_lambda_4e-2") == 1
     assert "planned" not in _row(text, "| 1/8 | gpcps_row_III")
     assert "planned" not in _row(text, "| 1/8 | gpcps_lambda_4e-2 `")  # minus the UNet: exploratory
     assert _row(text, "| 1/8 | gpcps_row_III").endswith("| abc1234, fff0000 |")
