@@ -785,3 +785,23 @@ def test_the_runner_builds_psmt_from_its_config_with_per_seed_networks() -> None
     assert module.hparams["teacher_seeds"] is None  # recorded as given: the settings do not vary by seed
     for name, value in config.init_args.items():
         assert module.hparams[name] == value
+
+
+def test_teachers_keep_their_batch_norm_statistics_current_without_the_unsupervised_loss(
+    tiny_trainer: Callable[..., L.Trainer],
+) -> None:
+    # Only parameters are averaged, so a teacher's batch-norm running statistics come from its own
+    # forward passes. With unsup_weight 0 (an ablation) they must still run, or a teacher would evaluate
+    # the student's averaged weights with the statistics it had at the end of the warm-up.
+    module = PSMTModule(**_net(lr=1e-3, warmup_steps=2, teacher_switch_every=2, unsup_weight=0.0))
+    norms = [m for t in module.teachers for m in t.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    class Statistics(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            seen[trainer.global_step] = [m.state_dict()["running_mean"].clone() for m in norms]
+
+    _fit(module, 6, tiny_trainer, callbacks=[Statistics()])
+    for now, warm in zip(seen[6], seen[2], strict=True):  # after the warm-up's last step, and at the end
+        assert not torch.equal(now, warm)

@@ -346,14 +346,16 @@ class PSMTModule(ScheduleMixin, SegmentationModule):
                 dice=self.dice_variant,
             )
         # The official order: the teachers' target, the CutMix, the student on labeled then unlabeled images.
-        strong = target = logits_unlabeled = None
+        strong = logits_unlabeled = None
+        # The teachers run whatever the weight: only parameters are averaged, so their batch-norm
+        # statistics come from these passes, and a teacher without them would keep its warm-up statistics.
+        with torch.no_grad():
+            target = teacher_target(
+                torch.sigmoid(self.teacher1(batch.unlabeled)),
+                torch.sigmoid(self.teacher2(batch.unlabeled)),
+                self.gamma,
+            )
         if self.unsup_weight > 0:
-            with torch.no_grad():
-                target = teacher_target(
-                    torch.sigmoid(self.teacher1(batch.unlabeled)),
-                    torch.sigmoid(self.teacher2(batch.unlabeled)),
-                    self.gamma,
-                )
             n, _, height, width = batch.unlabeled.shape
             # Drawn from the global random state (saved in checkpoints), never from the data streams.
             mix = draw_cutmix(n, height, width, beta=self.cutmix_beta)
@@ -365,7 +367,7 @@ class PSMTModule(ScheduleMixin, SegmentationModule):
             torch.sigmoid(logits_labeled),
             batch.mask,
             logits_unlabeled,
-            target,
+            None if logits_unlabeled is None else target,
             unsup_weight=self.unsup_weight,
             ramp=self.ramp_at(step),
             confidence_threshold=self.confidence_threshold,
