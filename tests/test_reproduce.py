@@ -29,11 +29,14 @@ from gpcps_lightning.tools.provenance import (
     shipped_method_names,
 )
 from gpcps_lightning.tools.report import (
+    PAPER_PLANNED,
     PAPER_TABLE1,
     combined_interval,
+    folder_tables,
     late_gain,
     load_records,
     make_tables,
+    planned_comparisons,
     run_flags,
     seed_interval,
     sync_doc,
@@ -758,16 +761,54 @@ def test_paired_rows_mark_planned_comparisons_commits_and_the_interval_count(tmp
     records[3]["code"] = {"commit": "def5678"}
     records[3]["code_at_start"] = {"commit": "abc1234"}
     records[5]["code"] = {"commit": "fff0000"}
-    records += [_record("gpcps_lambda_4e-2", 0.125, s, 0.53) for s in (0, 1)]  # row IV at the paper's push
     text = make_tables(load_records(_write(tmp_path, records)))
     planned = _row(text, "| 1/8 | **planned:** GP-CPS `")
     assert "− gpcps_row_III" in planned and planned.endswith("| abc1234, def5678 |")
-    pushed = _row(text, "| 1/8 | **planned:** gpcps_lambda_4e-2 `")
-    assert "− gpcps_row_III" in pushed and text.count("**planned:** gpcps_lambda_4e-2") == 1
     assert "planned" not in _row(text, "| 1/8 | gpcps_row_III")
-    assert "planned" not in _row(text, "| 1/8 | gpcps_lambda_4e-2 `")  # minus the UNet: exploratory
     assert _row(text, "| 1/8 | gpcps_row_III").endswith("| abc1234, fff0000 |")
-    assert "This block compares 6 pairs of rows, with up to three intervals each (up to 18 in all)" in text
+    assert "This block compares 3 pairs of rows, with up to three intervals each (up to 9 in all)" in text
+    assert "(the paper's Table 2 claims: `gpcps` − `gpcps_row_III`, `gpcps_row_II` − `gpcps_row_I`)" in text
+
+
+def test_a_folders_planned_file_names_its_planned_comparisons(tmp_path: Path) -> None:
+    records = [
+        _record(m, 0.03125, s, d + 0.01 * s)
+        for m, d in (("gpcps_row_III", 0.5), ("gpcps", 0.52))
+        for s in (0, 1)
+    ]
+    records += [_record("gpcps_row_I", 0.03125, s, 0.48) for s in (0, 1)]
+    folder = _write(tmp_path / "study", records)
+    assert planned_comparisons(folder) == PAPER_PLANNED  # no file: the paper's two claims
+    # the positive control, written earlier-first: a pair matches in either order
+    (folder / "planned.yaml").write_text("planned:\n  - [gpcps_row_I, gpcps_row_III]\n")
+    text = folder_tables(folder)
+    assert "(this folder's planned.yaml: `gpcps_row_I` − `gpcps_row_III`)" in text
+    assert "**planned:** gpcps_row_III `" in _row(text, "| 1/32 | **planned:** gpcps_row_III")
+    assert "planned" not in _row(text, "| 1/32 | GP-CPS `")  # IV − III is not planned in this folder
+    assert text.count("**planned:**") == 1
+    for bad in (
+        "planned: [gpcps, gpcps_row_III]\n",
+        "planned:\n  - [gpcps]\n",
+        "[a, b]\n",
+        "planned: [[a, 1]]\n",
+    ):
+        (folder / "planned.yaml").write_text(bad)
+        with pytest.raises(ValueError, match=r"planned\.yaml must hold `planned:`, a list of \[later method"):
+            folder_tables(folder)
+    (folder / "planned.yaml").write_text("planned: [[a, b\n")
+    with pytest.raises(ValueError, match=r"planned\.yaml is not valid YAML"):
+        folder_tables(folder)
+
+
+def test_table_2_has_a_column_for_each_fraction_an_ablation_row_ran_at(tmp_path: Path) -> None:
+    records = [_record("gpcps_row_III", 0.03125, 0, 0.55), _record("gpcps", 0.5, 0, 0.7)]
+    text = make_tables(load_records(_write(tmp_path, records)))
+    assert "#### Table 2: ablation at 1/8, 1/32, test Dice (%)" in text  # not 1/2: only row IV ran there
+    assert "| III | L_sup + L_semi | paper | – | 66.71 | – |" in text
+    assert _row(text, "| III | L_sup + L_semi (gpcps_row_III) | measured |").endswith(
+        "| – | 55.00, n=1 (s0 55.00) |"
+    )
+    assert _row(text, "| IV | L_sup + L_grad + L_semi (GP-CPS) | measured |").endswith("| – | – |")
 
 
 def test_committed_records_carry_the_settings_id_the_tables_print() -> None:

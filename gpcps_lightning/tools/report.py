@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpcps_lightning.settings import FRACTION_KEYS, SEED_KEYS, settings_id
 from gpcps_lightning.tools.provenance import METHOD_LABELS, TABLE2_ROWS
@@ -282,11 +282,66 @@ def _value(key: str, value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- tables
-def make_tables(records: Sequence[dict[str, Any]]) -> str:
+class Planned(NamedTuple):
+    """Comparisons fixed before the data, and where they were fixed (shown above the paired differences).
+
+    ``pairs`` are ``(later method, earlier method)``, matched in either order.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    source: str
+
+
+#: The comparisons planned where a folder names none: the paper's Table 2 claims IV − III and II − I.
+PAPER_PLANNED = Planned(
+    (("gpcps", "gpcps_row_III"), ("gpcps_row_II", "gpcps_row_I")), "the paper's Table 2 claims"
+)
+#: The file of a records folder that names the comparisons planned before its runs.
+PLANNED_FILE = "planned.yaml"
+
+
+def planned_comparisons(folder: str | Path) -> Planned:
+    """The comparisons planned for a records folder: its ``planned.yaml``, else :data:`PAPER_PLANNED`.
+
+    The file holds ``planned:``, a list of ``[later method, earlier method]`` pairs (method names as the
+    records give them; a pair matches in either order). Committing it before the folder's first record
+    is what makes the comparisons planned; git keeps the order.
+
+    Raises:
+        ValueError: If the file is not such a list (the file is named).
+    """
+    path = Path(folder) / PLANNED_FILE
+    if not path.is_file():
+        return PAPER_PLANNED
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({err}).") from err
+    pairs = content.get("planned") if isinstance(content, dict) else None
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(m, str) for m in p) for p in pairs
+    ):
+        raise ValueError(
+            f"{path} must hold `planned:`, a list of [later method, earlier method] pairs of method names, "
+            "e.g. `planned: [[gpcps, gpcps_row_III]]`."
+        )
+    return Planned(tuple((later, earlier) for later, earlier in pairs), f"this folder's {PLANNED_FILE}")
+
+
+def folder_tables(folder: str | Path) -> str:
+    """:func:`make_tables` of a records folder, with the comparisons planned for it."""
+    return make_tables(load_records(folder), planned=planned_comparisons(folder))
+
+
+def make_tables(records: Sequence[dict[str, Any]], planned: Planned = PAPER_PLANNED) -> str:
     """Markdown: Tables 1 and 2 (paper and measured rows), paired differences, settings, heads, runs, code.
 
     Args:
         records: Records as :func:`load_records` returns them (may be empty: then the paper's rows only).
+        planned: The comparisons planned before the data (:func:`planned_comparisons` reads a
+            folder's).
 
     Returns:
         The markdown text, ending with a newline.
@@ -322,30 +377,34 @@ def make_tables(records: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {row.label} | measured | `{row.settings}` | " + " | ".join(cells) + " |")
     if not rows:
         lines += ["", none_yet]
+    table2 = [(TABLE2_ROWS[w.method], w) for w in rows if w.method in TABLE2_ROWS]
+    # The paper's ablation is at 1/8; another fraction gets a column where row II or III was run at it.
+    ablated = {f for numeral, w in table2 if numeral in ("II", "III") for f in fractions if w.at(f)}
+    fractions2 = sorted({0.125} | ablated, reverse=True)
     lines += [
         "",
-        "#### Table 2: ablation at 1/8, test Dice (%)",
+        f"#### Table 2: ablation at {', '.join(_fraction_name(f) for f in fractions2)}, test Dice (%)",
         "",
-        "| Row | losses | source | settings | 1/8 |",
-        "|---|---|---|---|---|",
+        "| Row | losses | source | settings | " + " | ".join(_fraction_name(f) for f in fractions2) + " |",
+        "|---|---|---|---|" + "---|" * len(fractions2),
     ]
-    table2 = [(TABLE2_ROWS[w.method], w) for w in rows if w.method in TABLE2_ROWS and w.at(0.125)]
     for numeral, (losses, value) in PAPER_TABLE2.items():
-        lines.append(f"| {numeral} | {losses} | paper | – | {value:.2f} |")
+        paper = [f"{value:.2f}" if f == 0.125 else "–" for f in fractions2]
+        lines.append(f"| {numeral} | {losses} | paper | – | " + " | ".join(paper) + " |")
         for _, row in (x for x in table2 if x[0] == numeral):
-            cell = _cell(row.at(0.125))
-            lines.append(f"| {numeral} | {losses} ({row.label}) | measured | `{row.settings}` | {cell} |")
+            measured = " | ".join(_cell(row.at(f)) for f in fractions2)
+            lines.append(f"| {numeral} | {losses} ({row.label}) | measured | `{row.settings}` | {measured} |")
     if not rows:
         lines += ["", none_yet]
     elif not table2:
         lines += [
             "",
-            "No measured row at 1/8 of a Table 2 method (`supervised`, `gpcps_row_II`, `gpcps_row_III`, "
-            "`gpcps`).",
+            "No measured row of a Table 2 method (`supervised`, `gpcps_row_I`, `gpcps_row_II`, "
+            "`gpcps_row_III`, `gpcps`).",
         ]
     if not rows:
         return "\n".join(lines) + "\n"
-    lines += _paired_differences(rows, fractions)
+    lines += _paired_differences(rows, fractions, planned)
     lines += _settings_table(rows)
     lines += _external_table(rows, fractions)
     lines += _penalty_share_table(rows, fractions)
@@ -354,16 +413,6 @@ def make_tables(records: Sequence[dict[str, Any]]) -> str:
     lines += _flagged_table(rows)
     lines += _code_table(records)
     return "\n".join(lines) + "\n"
-
-
-#: Comparisons planned before the data (earlier method, later method): the paper's Table 2 claims, and
-#: row IV with the penalty weighted to the paper's push (``examples/study/methods/gpcps_lambda_4e-2.yaml``,
-#: chosen from its share of the gradient norm before any of its runs) minus row III.
-PLANNED_COMPARISONS = (
-    ("gpcps_row_III", "gpcps"),
-    ("gpcps_row_I", "gpcps_row_II"),
-    ("gpcps_row_III", "gpcps_lambda_4e-2"),
-)
 
 
 def _image_differences(
@@ -540,7 +589,9 @@ def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> list[str]:
+def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float], planned: Planned) -> list[str]:
+    pairs = {frozenset(p) for p in planned.pairs}
+    listed = ", ".join(f"`{later}` − `{earlier}`" for later, earlier in planned.pairs) or "none"
     lines = [
         "",
         "#### Seed-paired differences (test Dice, points)",
@@ -551,9 +602,8 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
         "(`mean ± t(n-1) sqrt(s_seeds²/n + s_images²/m)`, none with one seed). The two columns after it "
         "are detail, never separate support: the 95% Student t interval over seeds alone, and a 95% "
         f"percentile bootstrap over test images alone ({BOOTSTRAP_RESAMPLES} resamples, so its bounds are "
-        "given to 0.1 point). *Planned* marks the comparisons chosen before any data (the paper's Table 2 "
-        "claims IV − III and II − I, and row IV at the paper's push, `gpcps_lambda_4e-2`, minus III); every "
-        "other row is exploratory. *Commits* lists the commits that "
+        "given to 0.1 point). *Planned* marks the comparisons fixed before any data "
+        f"({planned.source}: {listed}); every other row is exploratory. *Commits* lists the commits that "
         "trained the pair's runs (a resumed run counts the commit it started under too) when there is "
         "more than one.",
         "",
@@ -575,7 +625,7 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float]) -> lis
             interval = both = "– (one seed)"
         per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
         name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
-        if (earlier.method, later.method) in PLANNED_COMPARISONS:
+        if frozenset((earlier.method, later.method)) in pairs:
             name = f"**planned:** {name}"
         seeds = ", ".join(str(s) for s in shared)
         boot = _paired_image_bootstrap(pair_early, pair_late)
@@ -914,7 +964,7 @@ def sync_doc(path: str | Path, *, check: bool = False, base: str | Path | None =
 
     def replace(match: re.Match[str]) -> str:
         folder = match["folder"]
-        tables = make_tables(load_records(root / folder))
+        tables = folder_tables(root / folder)
         if tables != match["body"]:
             stale.append(folder)
         start, end = match.span("body")

@@ -54,6 +54,7 @@ from gpcps_lightning.tools.provenance import (
 )
 from gpcps_lightning.tools.report import (
     FRACTION_NAMES,
+    folder_tables,
     load_records,
     make_plot,
     make_tables,
@@ -841,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         return _list_methods()
     if args.command == "table":
         records = load_records(args.records)
-        text = make_tables(records)
+        text = folder_tables(args.records)
         if args.markdown:
             Path(args.markdown).write_text(text)
         else:
