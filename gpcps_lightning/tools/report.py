@@ -31,14 +31,18 @@ from gpcps_lightning.settings import FRACTION_KEYS, SEED_KEYS, settings_id
 from gpcps_lightning.tools.provenance import METHOD_LABELS, TABLE2_ROWS
 
 __all__ = [
+    "PAPER_PLANNED",
     "PAPER_TABLE1",
     "PAPER_TABLE2",
+    "Planned",
     "combined_interval",
+    "folder_tables",
     "late_gain",
     "load_records",
     "make_pilot_tables",
     "make_plot",
     "make_tables",
+    "planned_comparisons",
     "run_flags",
     "seed_interval",
     "sync_doc",

@@ -54,10 +54,10 @@ from gpcps_lightning.tools.provenance import (
 )
 from gpcps_lightning.tools.report import (
     FRACTION_NAMES,
-    folder_tables,
     load_records,
     make_plot,
     make_tables,
+    planned_comparisons,
     run_flags,
     sync_doc,
 )
@@ -841,8 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "methods":
         return _list_methods()
     if args.command == "table":
-        records = load_records(args.records)
-        text = folder_tables(args.records)
+        records = load_records(args.records)  # read once, for the tables and the plot
+        text = make_tables(records, planned=planned_comparisons(args.records))
         if args.markdown:
             Path(args.markdown).write_text(text)
         else:
