@@ -382,3 +382,20 @@ def test_mean_teacher_after_rampup_decay(tmp_path: Path, tiny_trainer: Any) -> N
     trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=4))
     assert trainer.callback_metrics["train/ema_decay"].item() == pytest.approx(0.9)
     assert trainer.callback_metrics["train/cons_weight"].item() == pytest.approx(0.1)
+
+
+def test_mean_teacher_keeps_its_batch_norm_statistics_current_without_the_consistency_loss(
+    tmp_path: Path, tiny_trainer: Any
+) -> None:
+    # Only parameters are averaged, so the teacher's batch-norm running statistics come from its own
+    # forward passes. With consistency_weight 0 (an ablation) it must still run, or the teacher head, the
+    # one checkpoints are selected on, would evaluate averaged weights with its initial statistics.
+    torch.manual_seed(0)
+    module = MeanTeacherModule(**_net(lr=1e-2, consistency_weight=0.0))
+    norms = [m for m in module.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    initial = [m.state_dict()["running_mean"].clone() for m in norms]
+    trainer: L.Trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=3, log_every_n_steps=1)
+    trainer.fit(module, datamodule=RandomSemiDataModule(size=32, batch_size=2, length=4))
+    for m, before in zip(norms, initial, strict=True):
+        assert not torch.equal(m.state_dict()["running_mean"], before)

@@ -155,18 +155,20 @@ class MeanTeacherModule(ScheduleMixin, SegmentationModule):
         """
         batch = self.check_training_batch(batch)
         p_labeled = torch.sigmoid(self.student(batch.labeled))
-        p_student = p_teacher = None
-        if self.consistency_weight > 0:
+        consistency = self.consistency_weight > 0
+        if consistency:
             student_in = add_gaussian_noise(batch.unlabeled, self.noise_std, self.noise_clip)
-            teacher_in = add_gaussian_noise(batch.unlabeled, self.noise_std, self.noise_clip)
-            with torch.no_grad():
-                p_teacher = torch.sigmoid(self.teacher(teacher_in))
-            p_student = torch.sigmoid(self.student(student_in))
+        teacher_in = add_gaussian_noise(batch.unlabeled, self.noise_std, self.noise_clip)
+        # The teacher runs whatever the weight: only parameters are averaged, so its batch-norm statistics
+        # come from these passes, and a teacher without them would keep its initial statistics.
+        with torch.no_grad():
+            p_teacher = torch.sigmoid(self.teacher(teacher_in))
+        p_student = torch.sigmoid(self.student(student_in)) if consistency else None
         return mean_teacher_objective(
             p_labeled,
             batch.mask,
             p_student,
-            p_teacher,
+            p_teacher if consistency else None,
             cons_weight=self.consistency_weight_at(step),
             dice=self.dice_variant,
         )
