@@ -378,3 +378,45 @@ def test_penalty_share_changes_nothing_in_training(tiny_trainer: Any) -> None:
     assert [step for step, _, _ in measured.penalty_share_history] == [0, 2]
     with pytest.raises(ValueError, match="penalty_share_every_n_steps"):
         GPCPSModule(**TINY_NET, penalty_share_every_n_steps=-1)
+
+
+def _checkpoint_after_two_steps(tiny_trainer: Any, path: Path) -> Path:
+    L.seed_everything(0, verbose=False)
+    module = GPCPSModule(**TINY_NET, penalty_share_every_n_steps=1)
+    trainer = tiny_trainer(max_steps=2, deterministic=True)
+    trainer.fit(module, RandomSemiDataModule(length=4))  # two steps an epoch: resumed at its end
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_a_resumed_fit_continues_the_penalty_share_history(tiny_trainer: Any, tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    whole = GPCPSModule(**TINY_NET, penalty_share_every_n_steps=1)
+    tiny_trainer(max_steps=4, deterministic=True).fit(whole, RandomSemiDataModule(length=4))
+    path = _checkpoint_after_two_steps(tiny_trainer, tmp_path / "step2.ckpt")
+    L.seed_everything(0, verbose=False)
+    resumed = GPCPSModule(**TINY_NET, penalty_share_every_n_steps=1)
+    trainer = tiny_trainer(max_steps=4, deterministic=True)
+    trainer.fit(resumed, RandomSemiDataModule(length=4), ckpt_path=path)
+    # the restored steps 0-1 and the resumed steps 2-3, equal to the uninterrupted run's
+    assert [step for step, _, _ in resumed.penalty_share_history] == [0, 1, 2, 3]
+    shares = [share for entry in resumed.penalty_share_history for share in entry[1:]]
+    assert shares == pytest.approx([share for entry in whole.penalty_share_history for share in entry[1:]])
+    assert resumed.penalty_share_history_complete
+    # loading weights is not resuming: the history stays empty
+    assert GPCPSModule.load_from_checkpoint(path).penalty_share_history == []
+
+
+def test_a_checkpoint_without_the_history_resumes_with_a_partial_one(
+    tiny_trainer: Any, tmp_path: Path
+) -> None:
+    from gpcps_lightning.checkpointing import CHECKPOINT_KEY
+
+    path = _checkpoint_after_two_steps(tiny_trainer, tmp_path / "older.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint[CHECKPOINT_KEY]["penalty_share_history"]  # as an earlier version wrote it
+    torch.save(checkpoint, path)
+    resumed = GPCPSModule(**TINY_NET, penalty_share_every_n_steps=1)
+    tiny_trainer(max_steps=3).fit(resumed, RandomSemiDataModule(length=4), ckpt_path=path)
+    assert [step for step, _, _ in resumed.penalty_share_history] == [2]
+    assert not resumed.penalty_share_history_complete

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from gpcps_lightning._utils import sha256_file
 from gpcps_lightning.pipelines import STAGES, STPPOptions
@@ -105,6 +106,17 @@ def _write(folder: Path, records: list[dict]) -> Path:
 
 def _row(text: str, start: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_only_a_resumed_run_without_its_earlier_time_is_marked_resumed_part(tmp_path: Path) -> None:
+    older, whole, fresh = (_record("gpcps", 0.125, seed, 0.7) for seed in range(3))
+    older["resumed"] = True  # an earlier version's record: no `wall_time_complete`
+    whole.update(resumed=True, wall_time_complete=True)
+    fresh.update(resumed=False, wall_time_complete=True)
+    text = make_tables(load_records(_write(tmp_path, [older, whole, fresh])))
+    sid = settings_id(older["settings"])
+    runs = [_row(text, f"| GP-CPS | `{sid}` | 1/8 | {seed} |") for seed in range(3)]
+    assert ["(resumed part)" in row for row in runs] == [True, False, False]
 
 
 def test_tables_show_mean_sd_n_per_seed_values_beside_the_papers_rows(tmp_path: Path) -> None:
@@ -577,6 +589,10 @@ def test_an_interrupted_run_resumes_only_with_its_settings(tiny: dict[str, Any],
     assert main(_run_args(out, tiny["data"], tiny["config"])) == 0  # same settings: resumed
     record = json.loads(record_path(out, "supervised", 0.25, 0).read_text())
     assert record["resumed"] and record["code_at_start"] == code_version()
+    # the wall time counts the interrupted part, up to the checkpoint it resumed from
+    last = out / "runs" / "supervised" / "1of4" / "seed0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]["TrainingClock"]["seconds"]
+    assert record["wall_time_complete"] and record["wall_time_s"] >= round(saved, 1) > 0
     settings = out / "runs" / "supervised" / "1of4" / "seed0" / "settings.json"
     settings.unlink()
     record_path(out, "supervised", 0.25, 0).unlink()

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from gpcps_lightning import SupervisedModule
-from gpcps_lightning.callbacks import BestCheckpoint, LRSchedule
+from gpcps_lightning.callbacks import BestCheckpoint, LRSchedule, TrainingClock
 from gpcps_lightning.checkpointing import SafeCheckpointIO
 from gpcps_lightning.training import TrainingSpec, build_trainer, evaluation_trainer
 
@@ -152,3 +152,43 @@ def test_selected_checkpoint_is_the_callbacks_inside_the_folder_else_best_ckpt(t
     # restored from a run whose folder was moved: the state names the old folder
     callback.best_model_path = str(tmp_path / "old" / "checkpoints" / "best.ckpt")
     assert selected_checkpoint(callback, folder) == folder / "checkpoints" / "best.ckpt"
+
+
+# ---------------------------------------------------------------- the training clock
+def test_the_clock_adds_the_restored_seconds_to_this_fits() -> None:
+    now = [10.0]
+    clock = TrainingClock(clock=lambda: now[0])
+    assert clock.seconds == 0.0 and clock.restored_seconds is None
+    clock.setup(None, None, "fit")  # type: ignore[arg-type]
+    now[0] = 13.0
+    saved = clock.state_dict()
+    assert saved == {"seconds": 3.0} and clock.restored_seconds is None
+    resumed = TrainingClock(clock=lambda: now[0])
+    now[0] = 100.0
+    resumed.setup(None, None, "fit")  # type: ignore[arg-type]
+    resumed.load_state_dict(saved)  # Lightning restores callback states after setup
+    now[0] = 104.0
+    assert resumed.restored_seconds == 3.0 and resumed.seconds == pytest.approx(7.0)
+    resumed.setup(None, None, "validate")  # only fit starts a part
+    assert resumed.seconds == pytest.approx(7.0)
+
+
+def test_a_resumed_fit_restores_the_clock_of_its_checkpoint(tmp_path: Path) -> None:
+    data = RandomSemiDataModule(length=4)
+    first = TrainingClock()
+    trainer, _ = build_trainer(
+        TrainingSpec(max_steps=2, val_every=2, accelerator="cpu"), tmp_path, monitor="val/score",
+        callbacks=[first],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer.fit(_Scored([0.1, 0.2], **TINY_NET), data)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]["TrainingClock"]["seconds"]
+    assert 0.0 < saved <= first.seconds
+    second = TrainingClock()
+    trainer, _ = build_trainer(
+        TrainingSpec(max_steps=4, val_every=2, accelerator="cpu"), tmp_path, monitor="val/score",
+        callbacks=[second],
+    )  # fmt: skip
+    trainer.fit(_Scored([0.3], **TINY_NET), data, ckpt_path=str(last))
+    assert second.restored_seconds == saved and second.seconds > saved

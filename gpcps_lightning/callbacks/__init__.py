@@ -14,6 +14,8 @@
   scheduler for them).
 - :class:`LossProgressBar` (:mod:`~gpcps_lightning.callbacks.progress`) shows the loss terms and the
   validation Dice with short names.
+- :class:`TrainingClock` (:mod:`~gpcps_lightning.callbacks.clock`) counts a training's wall time and
+  saves it in its checkpoints, so that a resumed run reports the time of all its parts.
 - :class:`LoaderWorkerThreads` (:mod:`~gpcps_lightning.callbacks.threads`) counts the data-loader
   workers in the CPU thread policy by their measured use.
 """
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 from gpcps_lightning.callbacks.checkpoint import BestCheckpoint, selection_head
+from gpcps_lightning.callbacks.clock import TrainingClock
 from gpcps_lightning.callbacks.images import (
     GROUND_TRUTH_COLOR,
     PANEL_COLUMN_TITLES,
@@ -47,6 +50,7 @@ __all__ = [
     "LossProgressBar",
     "PredictionWriter",
     "PredictionsPicture",
+    "TrainingClock",
     "ValidationImagePanel",
     "display_images",
     "overlay_mask",

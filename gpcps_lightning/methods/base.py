@@ -390,8 +390,12 @@ class SegmentationModule(ManualStepModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random-number states when a Trainer resumes fitting from ``checkpoint``."""
         rng = (checkpoint.get(CHECKPOINT_KEY) or {}).get("rng")
-        if rng and attached_trainer(self) is not None and self.trainer.state.fn == TrainerFn.FITTING:
+        if rng and self.resuming_fit():
             restore_rng_state(rng)
+
+    def resuming_fit(self) -> bool:
+        """Whether a Trainer is fitting this module (in ``on_load_checkpoint``: resuming, not loading)."""
+        return attached_trainer(self) is not None and self.trainer.state.fn == TrainerFn.FITTING
 
     @classmethod
     def load_from_checkpoint(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from gpcps_lightning.batch import SemiSupervisedBatch
+from gpcps_lightning.checkpointing import CHECKPOINT_KEY
 from gpcps_lightning.losses.gpcps import (
     GPCPSLosses,
     fuse_images,
@@ -93,10 +94,28 @@ class GPCPSModule(TwoNetworkModule):
         self.background_threshold = background_threshold
         self.gp_every_n_steps = gp_every_n_steps
         self.penalty_share_every_n_steps = penalty_share_every_n_steps
-        #: ``(step, loss share, gradient-norm share)`` of every measured step of this process (not saved in
-        #: checkpoints), for summaries such as the reproduction runner's.
+        #: ``(step, loss share, gradient-norm share)`` of every measured step, for summaries such as the
+        #: reproduction runner's. Saved in checkpoints: a resumed fit continues the history it restored.
         self.penalty_share_history: list[tuple[int, float, float]] = []
+        #: Whether the history covers the whole training: false after resuming from a checkpoint written
+        #: before checkpoints kept it (the steps before the interruption are missing).
+        self.penalty_share_history_complete = True
         self.configure_networks()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The base stamp, plus the penalty-share history measured so far."""
+        super().on_save_checkpoint(checkpoint)
+        history = [list(entry) for entry in self.penalty_share_history]
+        checkpoint[CHECKPOINT_KEY]["penalty_share_history"] = history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The base restore, plus the penalty-share history when a Trainer resumes fitting."""
+        super().on_load_checkpoint(checkpoint)
+        if not self.resuming_fit():
+            return
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("penalty_share_history")
+        self.penalty_share_history = [(int(s), float(a), float(b)) for s, a, b in saved or []]
+        self.penalty_share_history_complete = saved is not None
 
     def on_fit_start(self) -> None:
         """Refuse PyTorch's SyncBatchNorm with the penalty: its backward cannot be differentiated again.

@@ -748,8 +748,8 @@ def _penalty_share_table(rows: Sequence[_Row], fractions: Sequence[float]) -> li
         "Every N steps a run measures the weighted penalty `lambda_grad * L_grad` as a share of the total "
         "loss, and the norm of its gradient with respect to the parameters as a share of the norm of the "
         "total loss's gradient. A cell: the median over runs of each run's median share, then the smallest "
-        "and largest run median; runs resumed after an interruption measured only the steps after it "
-        "(counted under partial).",
+        "and largest run median; a run resumed from a checkpoint that did not keep the measurements (an "
+        "earlier version's) measured only the steps after the interruption (counted under partial).",
         "",
         "| Method | settings | fraction | `lambda_grad` | runs (partial) | share of the loss | "
         "share of the gradient norm | test Dice |",
@@ -813,7 +813,7 @@ def _runs_table(rows: Sequence[_Row]) -> list[str]:
         for r in sorted(row.records, key=lambda r: (-r["fraction"], r["seed"])):
             head = r["selection_head"]
             minutes = "–" if "wall_time_s" not in r else f"{r['wall_time_s'] / 60:.1f}"
-            if r.get("resumed"):
+            if r.get("resumed") and not r.get("wall_time_complete", False):
                 minutes += " (resumed part)"
             lines.append(
                 f"| {row.label} | `{row.settings}` | {_fraction_name(r['fraction'])} | {r['seed']} | "

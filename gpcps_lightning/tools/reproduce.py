@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,13 +388,14 @@ def run_one(
             tmp.write_text(json.dumps(started, indent=2, sort_keys=True))
     monitor = f"val/dice_{module.selection_head}"
     if run.stpp_options is None:
-        trainer, best, train_seconds = _train(args, run, monitor, resumed)
+        trainer, best, train_seconds, whole_time = _train(args, run, monitor, resumed)
         pipeline: dict[str, Any] | None = None
         # read before the evaluations below, which log to the same files
         curve = validation_curve(run.run_dir / "logs")
     else:
         curve = None
         trainer, best, train_seconds, pipeline = _train_stpp(args, run)
+        whole_time = not resumed  # of the stage that was interrupted, the part after it only
     # ST++'s final weights are already in `module` (its checkpoint holds its own trainings' callbacks)
     selected = best if pipeline is None else None
     val = _metrics(trainer.validate(module, datamodule, ckpt_path=selected, verbose=False))
@@ -453,9 +453,10 @@ def run_one(
         "versions": versions,
         "machine": _machine(),
         "wall_time_s": round(train_seconds, 1),
-        # a resumed run's wall time covers the part after the interruption only (ST++: of the training
-        # that was interrupted)
         "resumed": resumed,
+        # false where a resumed run's wall time covers the part after the interruption only (a checkpoint
+        # written without the clock's state; ST++: of the stage that was interrupted)
+        "wall_time_complete": whole_time,
         "best_step": _read_step(best),
         "selection_head": module.selection_head,
         "val": {k.removeprefix("val/"): v for k, v in val.items()},
@@ -476,7 +477,8 @@ def run_one(
         record["stpp"] = pipeline
     history = getattr(module, "penalty_share_history", None)
     if history:
-        record["diagnostics"] = {"penalty_share": _share_summary(history, resumed)}
+        complete = getattr(module, "penalty_share_history_complete", not resumed)
+        record["diagnostics"] = {"penalty_share": _share_summary(history, complete)}
     if resumed:
         record["code_at_start"] = started.get("code")
         record["versions_at_start"] = started.get("versions")
@@ -522,22 +524,27 @@ def _spec(args: argparse.Namespace) -> TrainingSpec:
     )
 
 
-def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> tuple[Any, str, float]:
-    """Fit one run's module (resuming from ``last.ckpt``): the trainer, the selected checkpoint, seconds.
+def _train(args: argparse.Namespace, run: _Run, monitor: str, resumed: bool) -> tuple[Any, str, float, bool]:
+    """Fit one run's module (resuming from ``last.ckpt``).
+
+    Returns the trainer, the selected checkpoint, the training's wall time in seconds, and whether that
+    time covers the whole training (a run resumed from a checkpoint written before checkpoints kept the
+    clock counts the part after the interruption only).
 
     A run interrupted under an earlier runner, which kept a plain ``ModelCheckpoint`` for ``best.ckpt``
     and another for ``last.ckpt``, resumes with its best score so far: ``BestCheckpoint`` takes over the
     former's state (Lightning warns once that the latter's state has no callback).
     """
+    from gpcps_lightning.callbacks import TrainingClock
     from gpcps_lightning.training import build_trainer, selected_checkpoint
 
     last = run.run_dir / "checkpoints" / "last.ckpt"
-    trainer, checkpoint = build_trainer(_spec(args), run.run_dir, monitor=monitor)
-    clock = time.perf_counter()
+    clock = TrainingClock()
+    trainer, checkpoint = build_trainer(_spec(args), run.run_dir, monitor=monitor, callbacks=[clock])
     trainer.fit(run.module, run.datamodule, ckpt_path=str(last) if resumed else None)
-    seconds = time.perf_counter() - clock
     best = selected_checkpoint(checkpoint, run.run_dir)
-    return trainer, str(best or last), seconds
+    # resumed from a checkpoint without the clock's state (an older runner): this part's time only
+    return trainer, str(best or last), clock.seconds, clock.restored_seconds is not None or not resumed
 
 
 def _stpp_options(config: MethodConfig) -> Any:
@@ -600,7 +607,7 @@ def _train_stpp(args: argparse.Namespace, run: _Run) -> tuple[Any, str, float, d
     return trainer, str(result.checkpoint), sum(seconds.values()), entry
 
 
-def _share_summary(history: Sequence[tuple[int, float, float]], resumed: bool) -> dict[str, Any]:
+def _share_summary(history: Sequence[tuple[int, float, float]], complete: bool) -> dict[str, Any]:
     """Median, mean, min and max of the penalty's measured loss and gradient-norm shares."""
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -615,8 +622,8 @@ def _share_summary(history: Sequence[tuple[int, float, float]], resumed: bool) -
         "steps": [step for step, _, _ in history],
         "loss": stats([loss for _, loss, _ in history]),
         "grad_norm": stats([grad for _, _, grad in history]),
-        # a resumed run measured only the steps after the interruption
-        "complete": not resumed,
+        # false where a run resumed from a checkpoint without the history measured the steps after it only
+        "complete": complete,
     }
 
 
