@@ -786,6 +786,39 @@ def test_paired_rows_mark_planned_comparisons_commits_and_the_interval_count(tmp
     assert "(the paper's Table 2 claims: `gpcps` − `gpcps_row_III`, `gpcps_row_II` − `gpcps_row_I`)" in text
 
 
+def test_the_planned_comparisons_are_gathered_first_in_their_planned_order(tmp_path: Path) -> None:
+    names = [f"img{i}" for i in range(4)]
+    records = []
+    for seed in (0, 1):
+        base = {n: 0.4 + 0.1 * i + 0.01 * seed for i, n in enumerate(names)}
+        for method, gain in (("gpcps_row_I", 0.0), ("gpcps_row_III", 0.03), ("gpcps", 0.031)):
+            dice = {
+                n: v + gain + (0.002 * i if method == "gpcps" else 0.0)
+                for i, (n, v) in enumerate(base.items())
+            }
+            records.append(
+                _with_images(_record(method, 0.03125, seed, statistics.fmean(dice.values())), dice)
+            )
+    folder = _write(tmp_path / "study", records)
+    # written earlier-first (the planned order is kept); IV − II has no record yet
+    (folder / "planned.yaml").write_text(
+        "planned:\n  - [gpcps_row_I, gpcps_row_III]\n  - [gpcps, gpcps_row_III]\n  - [gpcps, gpcps_row_II]\n"
+    )
+    text = folder_tables(folder)
+    assert text.index("#### Planned comparisons") < text.index("#### Seed-paired differences")
+    table = text[text.index("#### Planned comparisons") : text.index("#### Seed-paired differences")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    # row I minus row III: every image 3 points lower, so the interval is a point and excludes 0
+    assert (
+        rows[0] == "| `gpcps_row_I` − `gpcps_row_III` | 1/32 | 0, 1 | -3.00 | [-3.00, -3.00] | yes | -0.84 |"
+    )
+    # IV minus III: +0.1 to +0.7 over the images, the same on both seeds; the paper's +9.93
+    low, high = map(float, re.findall(r"\[([+-][\d.]+), ([+-][\d.]+)\]", rows[1])[0])
+    assert rows[1].startswith("| `gpcps` − `gpcps_row_III` | 1/32 | 0, 1 | +0.40 |") and low < 0.4 < high
+    assert rows[1].endswith("| no | +9.93 |")  # t(1) over 4 images: about [-1.2, +2.0]
+    assert rows[2] == "| `gpcps` − `gpcps_row_II` | – | none yet | – | – | – | +3.59 |"
+
+
 def test_a_folders_planned_file_names_its_planned_comparisons(tmp_path: Path) -> None:
     records = [
         _record(m, 0.03125, s, d + 0.01 * s)

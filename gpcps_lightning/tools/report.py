@@ -593,10 +593,103 @@ def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float], planned: Planned) -> list[str]:
-    pairs = {frozenset(p) for p in planned.pairs}
-    listed = ", ".join(f"`{later}` − `{earlier}`" for later, earlier in planned.pairs) or "none"
+@dataclass(frozen=True)
+class _Pair:
+    """One seed-paired difference between two rows of one protocol at one fraction (later − earlier)."""
+
+    fraction: float
+    earlier: _Row
+    later: _Row
+    shared: list[int]
+    diffs: list[float]
+    #: The headline 95% interval (seeds and test images); ``None`` with one seed or no per-image scores.
+    both: tuple[float, float] | None
+    #: Detail: the t interval over seeds (``None`` with one seed) and the bootstrap over test images.
+    seeds: tuple[float, float] | None
+    images: tuple[float, float] | None
+    commits: list[str]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs)
+
+
+def _pairs(rows: Sequence[_Row], fractions: Sequence[float]) -> Iterator[_Pair]:
+    """Every seed-paired difference of :func:`_seed_pairs`, with its intervals."""
+    for f, earlier, early, later, late, shared in _seed_pairs(rows, fractions):
+        diffs = [_dice(late[s]) - _dice(early[s]) for s in shared]
+        pair_early, pair_late = [early[s] for s in shared], [late[s] for s in shared]
+        images = _image_differences(pair_early, pair_late)
+        several = len(diffs) > 1
+        yield _Pair(
+            fraction=f,
+            earlier=earlier,
+            later=later,
+            shared=shared,
+            diffs=diffs,
+            both=combined_interval(diffs, images) if several and images is not None else None,
+            seeds=seed_interval(diffs) if several else None,
+            images=_paired_image_bootstrap(pair_early, pair_late),
+            commits=sorted({c for r in pair_early + pair_late for c in _commits(r)}),
+        )
+
+
+def _interval_text(interval: tuple[float, float] | None, pair: _Pair, digits: int = 2) -> str:
+    if len(pair.diffs) == 1:
+        return "– (one seed)"
+    return "–" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
+def _paper_difference(later: str, earlier: str) -> float | None:
+    """The paper's Table 2 difference between the rows two methods fill (at 1/8), where both fill one."""
+    late, early = TABLE2_ROWS.get(later), TABLE2_ROWS.get(earlier)
+    if late is None or early is None or late == early:
+        return None
+    return PAPER_TABLE2[late][1] - PAPER_TABLE2[early][1]
+
+
+def _planned_table(pairs: Sequence[_Pair], planned: Planned) -> list[str]:
+    """The planned comparisons first, one line each, as they stand (also those with no pair yet)."""
+    if not planned.pairs:
+        return []
     lines = [
+        "",
+        "#### Planned comparisons (test Dice, points)",
+        "",
+        f"Fixed before any data ({planned.source}); their rows in the paired table below, gathered here. "
+        "A comparison's interval is the 95% interval over seeds and test images; *the paper* is its "
+        "Table 2 difference at 1/8, where both rows are in that table.",
+        "",
+        "| planned comparison | fraction | seeds | mean | 95% interval, seeds + images | excludes 0 "
+        "| the paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for later, earlier in planned.pairs:
+        matching = [p for p in pairs if {p.later.method, p.earlier.method} == {later, earlier}]
+        paper = _paper_difference(later, earlier)
+        paper_text = "–" if paper is None else f"{paper:+.2f}"
+        if not matching:
+            lines.append(f"| `{later}` − `{earlier}` | – | none yet | – | – | – | {paper_text} |")
+        for p in matching:
+            sign = 1.0 if p.later.method == later else -1.0  # shown in the planned order
+            mean, both = sign * p.mean, p.both
+            if both is not None and sign < 0:
+                both = (-both[1], -both[0])
+            excludes = "–" if both is None else ("yes" if both[0] > 0 or both[1] < 0 else "no")
+            lines.append(
+                f"| `{later}` − `{earlier}` | {_fraction_name(p.fraction)} | "
+                f"{', '.join(str(s) for s in p.shared)} | {mean:+.2f} | {_interval_text(both, p)} | "
+                f"{excludes} | {paper_text} |"
+            )
+    return lines
+
+
+def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float], planned: Planned) -> list[str]:
+    pairs = list(_pairs(rows, fractions))
+    planned_sets = {frozenset(p) for p in planned.pairs}
+    listed = ", ".join(f"`{later}` − `{earlier}`" for later, earlier in planned.pairs) or "none"
+    lines = _planned_table(pairs, planned)
+    lines += [
         "",
         "#### Seed-paired differences (test Dice, points)",
         "",
@@ -615,38 +708,25 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float], planne
         "| detail: t over seeds | detail: bootstrap over images | commits |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    found = 0
-    for f, earlier, early, later, late, shared in _seed_pairs(rows, fractions):
-        found += 1
-        diffs = [_dice(late[s]) - _dice(early[s]) for s in shared]
-        mean = statistics.fmean(diffs)
-        pair_early, pair_late = [early[s] for s in shared], [late[s] for s in shared]
-        images = _image_differences(pair_early, pair_late)
-        if len(diffs) > 1:
-            interval = "[{:+.2f}, {:+.2f}]".format(*seed_interval(diffs))
-            both = "–" if images is None else "[{:+.2f}, {:+.2f}]".format(*combined_interval(diffs, images))
-        else:
-            interval = both = "– (one seed)"
-        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
-        name = f"{later.label} `{later.settings}` − {earlier.label} `{earlier.settings}`"
-        if frozenset((earlier.method, later.method)) in pairs:
+    for p in pairs:
+        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(p.shared, p.diffs, strict=True))
+        name = f"{p.later.label} `{p.later.settings}` − {p.earlier.label} `{p.earlier.settings}`"
+        if frozenset((p.earlier.method, p.later.method)) in planned_sets:
             name = f"**planned:** {name}"
-        seeds = ", ".join(str(s) for s in shared)
-        boot = _paired_image_bootstrap(pair_early, pair_late)
-        boot_text = "–" if boot is None else f"[{boot[0]:+.1f}, {boot[1]:+.1f}]"
-        commits = sorted({c for r in pair_early + pair_late for c in _commits(r)})
-        commit_text = ", ".join(commits) if len(commits) > 1 else ""
+        boot_text = "–" if p.images is None else f"[{p.images[0]:+.1f}, {p.images[1]:+.1f}]"
+        commit_text = ", ".join(p.commits) if len(p.commits) > 1 else ""
         lines.append(
-            f"| {_fraction_name(f)} | {name} | {seeds} | {per_seed} | {mean:+.2f} | {both} "
-            f"| {interval} | {boot_text} | {commit_text} |"
+            f"| {_fraction_name(p.fraction)} | {name} | {', '.join(str(s) for s in p.shared)} | {per_seed} "
+            f"| {p.mean:+.2f} | {_interval_text(p.both, p)} | {_interval_text(p.seeds, p)} | {boot_text} "
+            f"| {commit_text} |"
         )
-    if not found:
+    if not pairs:
         lines.append("| – | no two rows of one protocol share a seed | | | | | | | |")
     else:
         lines += [
             "",
-            f"This block compares {found} pairs of rows, with up to three intervals each (up to "
-            f"{3 * found} in all); at 95% each, about one in twenty intervals misses its true value by "
+            f"This block compares {len(pairs)} pairs of rows, with up to three intervals each (up to "
+            f"{3 * len(pairs)} in all); at 95% each, about one in twenty intervals misses its true value by "
             "chance alone, so an exploratory interval that excludes 0 is a lead, not a finding.",
         ]
     return lines
