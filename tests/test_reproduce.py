@@ -579,6 +579,60 @@ def test_a_finished_record_with_other_settings_is_refused(tiny: dict[str, Any], 
         main(_run_args(out, tiny["data"], tiny["config"]))
 
 
+def _val_images_script() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "val_images.py"
+    spec = importlib.util.spec_from_file_location("val_images", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_val_images_pairs_carry_the_seeds_and_the_images() -> None:
+    script = _val_images_script()
+
+    def run(a: float, b: float) -> dict[str, Any]:
+        return {
+            "selection_head": "net1",
+            "val_images": {"net1": [["a", a, a], ["b", b, b], ["c", None, None]]},
+        }
+
+    early, late = [run(0.5, 0.7), run(0.5, 0.5)], [run(0.6, 0.7), run(0.7, 0.6)]
+    mean, both, alone = script.paired(early, late, "val_images")
+    # seeds +5 and +15 (points); images a +15 and b +5 averaged over the seeds ("c" unscored: left out)
+    assert mean == pytest.approx(10.0)
+    half = t_quantile(1) * math.sqrt(50 / 2 + 50 / 2)
+    assert both == pytest.approx((10 - half, 10 + half))
+    assert alone == pytest.approx((10 - t_quantile(1) * 5, 10 + t_quantile(1) * 5))
+
+
+def test_val_images_rescores_the_selected_checkpoints(tiny: dict[str, Any], tmp_path: Path) -> None:
+    script = _val_images_script()
+    out = tmp_path / "val"
+    args = [
+        "score",
+        "--records",
+        str(tiny["out"]),
+        "--runs",
+        str(tiny["out"]),
+        "--data-root",
+        str(tiny["data"]),
+    ]
+    assert script.main([*args, "--out", str(out)]) == 0
+    records = {r["method"]: r for r in load_records(tiny["out"])}
+    for method, record in records.items():
+        scored = json.loads((out / record_path(out, method, 0.25, 0).name).read_text())
+        head = record["selection_head"]
+        # the recomputed mean is the recorded validation Dice (the script checks it too)
+        assert scored["val"][f"dice_{head}"] == pytest.approx(record["val"][f"dice_{head}"], abs=1e-4)
+        assert len(scored["val_images"][head]) == record["resolved"]["images"]["val"]
+    moved = dict(records["supervised"], best_step=records["supervised"]["best_step"] + 1)
+    with pytest.raises(ValueError, match="the run folder holds another training"):
+        script.score(moved, tiny["out"], tiny["data"])
+
+
 def test_an_interrupted_run_resumes_only_with_its_settings(tiny: dict[str, Any], tmp_path: Path) -> None:
     out = _copy(tiny, tmp_path)
     record_path(out, "supervised", 0.25, 0).unlink()  # the run folder keeps last.ckpt: an interrupted run

@@ -71,6 +71,7 @@ __all__ = [
     "main",
     "make_tables",
     "record_path",
+    "run_folder",
     "run_one",
 ]
 
@@ -104,7 +105,8 @@ def record_path(out: Path, method: str, fraction: float, seed: int) -> Path:
     return out / "records" / f"{method}_{_fraction_key(fraction)}_seed{seed}.json"
 
 
-def _run_dir(out: Path, method: str, fraction: float, seed: int) -> Path:
+def run_folder(out: Path, method: str, fraction: float, seed: int) -> Path:
+    """Where one run trains: its checkpoints (``checkpoints/best.ckpt`` is the selected one) and logs."""
     return out / "runs" / method / _fraction_key(fraction) / f"seed{seed}"
 
 
@@ -247,7 +249,7 @@ def _build(args: argparse.Namespace, method: str | MethodConfig, fraction: float
         datamodule,
         settings,
         record_path(out, config.name, fraction, seed),
-        _run_dir(out, config.name, fraction, seed),
+        run_folder(out, config.name, fraction, seed),
         options,
     )
 
@@ -889,14 +891,14 @@ def main(argv: list[str] | None = None) -> int:
     # Check every finished or interrupted run first: a mismatch stops the command before hours of training.
     for config, fraction, seed in grid:
         done = record_path(out, config.name, fraction, seed).exists()
-        run_dir = _run_dir(out, config.name, fraction, seed)
+        run_dir = run_folder(out, config.name, fraction, seed)
         if done or (run_dir / "checkpoints" / "last.ckpt").exists() or (run_dir / "settings.json").exists():
             _reusable_record(_build(args, config, fraction, seed))
     elsewhere: list[str] = []
     for config, fraction, seed in grid:
         run_name = f"{config.name} fraction={fraction} seed={seed}"
         target = record_path(out, config.name, fraction, seed)
-        run_dir = _run_dir(out, config.name, fraction, seed)
+        run_dir = run_folder(out, config.name, fraction, seed)
         with contextlib.nullcontext(True) if target.exists() else _claimed(run_dir) as ours:
             if not ours:
                 print(f"[reproduce] {run_name}: another process is training it (folder locked)", flush=True)
