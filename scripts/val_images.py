@@ -109,7 +109,9 @@ def _score_all(args: argparse.Namespace) -> int:
     for record in load_records(args.records):
         target = _target(args.out, record)
         if target.exists():
-            continue  # scored earlier
+            earlier = json.loads(target.read_text())
+            if (earlier["settings_id"], earlier["best_step"]) == (record["settings_id"], record["best_step"]):
+                continue  # scored earlier; a record that changed since is scored again
         clock = time.perf_counter()
         scored = {**score(record, args.runs, args.data_root), "code": code_version()}
         scored["seconds"] = round(time.perf_counter() - clock, 1)

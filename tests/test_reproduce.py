@@ -628,6 +628,13 @@ def test_val_images_rescores_the_selected_checkpoints(tiny: dict[str, Any], tmp_
         # the recomputed mean is the recorded validation Dice (the script checks it too)
         assert scored["val"][f"dice_{head}"] == pytest.approx(record["val"][f"dice_{head}"], abs=1e-4)
         assert len(scored["val_images"][head]) == record["resolved"]["images"]["val"]
+    # a file of another training of the run (a rerun record) is scored again, one of this run is kept
+    stale = out / record_path(out, "supervised", 0.25, 0).name
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "best_step": -1, "val": {}}))
+    kept = (out / record_path(out, "authors_tiny", 0.25, 0).name).read_text()
+    assert script.main([*args, "--out", str(out)]) == 0
+    assert json.loads(stale.read_text())["best_step"] == records["supervised"]["best_step"]
+    assert (out / record_path(out, "authors_tiny", 0.25, 0).name).read_text() == kept
     moved = dict(records["supervised"], best_step=records["supervised"]["best_step"] + 1)
     with pytest.raises(ValueError, match="the run folder holds another training"):
         script.score(moved, tiny["out"], tiny["data"])
