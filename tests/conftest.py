@@ -54,6 +54,18 @@ def tiny_trainer(**overrides: Any) -> L.Trainer:
     return L.Trainer(**{**QUIET_TRAINER, **overrides})
 
 
+def load_script(name: str) -> Any:
+    """The module of ``scripts/<name>.py`` (the scripts are not a package), for tests of their functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def checkpointing_trainer(root: Path, **overrides: Any) -> L.Trainer:
     """A one-step :func:`tiny_trainer` writing ``last.ckpt`` into ``root`` (the library's checkpoint I/O)."""
     from lightning.pytorch.callbacks import ModelCheckpoint

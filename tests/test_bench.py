@@ -3,7 +3,6 @@ performance-related mechanisms of the module: the lazy penalty and the non-finit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import mmap
@@ -15,7 +14,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import RandomSemiDataModule, random_semi_batch
+from conftest import RandomSemiDataModule, load_script, random_semi_batch
 from torch import nn
 
 from gpcps_lightning.batch import SemiSupervisedBatch
@@ -318,18 +317,9 @@ def test_profile_writes_tables_and_phases(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "phases.json").read_text())["phases_s"]["gpcps"]["step"] > 0
 
 
-def _load_gpu_check() -> Any:
-    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
-    gpu_check = _load_gpu_check()
+    gpu_check = load_script("gpu_check")
     argv = [
         "--out",
         str(tmp_path),
@@ -379,7 +369,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
 def test_gpu_check_peak_memory_check_fails_over_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gpu_check = _load_gpu_check()
+    gpu_check = load_script("gpu_check")
     monkeypatch.setattr(gpu_check, "MEMORY_LIMIT_BYTES", 1)  # nothing fits in one byte
     argv = ["--out", str(tmp_path), *TINY_ARGS, "--precisions", "bf16", "--kinds", "gpcps", "--steps", "3"]
     argv += ["--warmup", "1", "--matmul-size", "64", "--isolate", "no", "--no-profile", "--no-channels-last"]
