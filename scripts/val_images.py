@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,14 @@ def score(record: Mapping[str, Any], runs: Path, data_root: Path) -> dict[str, A
         module, datamodule.val_dataset.pairs, Preprocessing.from_datamodule(datamodule), heads="all"
     )
     images = {head: [[s.name, s.dice, s.iou] for s in values] for head, values in scores.items()}
+    heads = {h: statistics.fmean(r[1] for r in rows if r[1] is not None) for h, rows in images.items()}
     head = record["selection_head"]
-    dice = [row[1] for row in images[head] if row[1] is not None]
-    mean, recorded = statistics.fmean(dice), record["val"][f"dice_{head}"]
+    mean, recorded = heads[head], record["val"][f"dice_{head}"]
     if abs(mean - recorded) > TOLERANCE:
         raise ValueError(
             f"{best}: validation Dice {mean:.6f} recomputed, {recorded:.6f} in the record; not the same "
             "checkpoint, images or evaluation."
         )
-    heads = {h: statistics.fmean(r[1] for r in rows if r[1] is not None) for h, rows in images.items()}
     return {
         "method": record["method"],
         "fraction": record["fraction"],
@@ -121,32 +120,14 @@ def _score_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def _per_image(run: Mapping[str, Any], key: str) -> dict[str, float]:
-    """The selection head's Dice (%) by image name, from ``run[key]`` (images without a score left out)."""
-    rows = run[key][run["selection_head"]]
-    return {name: 100.0 * float(dice) for name, dice, _ in rows if dice is not None}
-
-
-def paired(
-    early: Sequence[Mapping[str, Any]], late: Sequence[Mapping[str, Any]], key: str
-) -> tuple[float, tuple[float, float], tuple[float, float]]:
-    """Mean of ``late - early`` (points), its interval over seeds and images, and over seeds alone.
-
-    ``early`` and ``late`` are the two rows' runs on the same seeds, in the same order; ``key`` names their
-    per-image scores (``test_images`` in a record, ``val_images`` in a file of this script).
-    """
-    from gpcps_lightning.tools.report import combined_interval, seed_interval
-
-    means = [(_per_image(a, key), _per_image(b, key)) for a, b in zip(early, late, strict=True)]
-    diffs = [statistics.fmean(b.values()) - statistics.fmean(a.values()) for a, b in means]
-    names = sorted(set.intersection(*(set(a) & set(b) for a, b in means)))
-    images = [statistics.fmean(b[n] - a[n] for a, b in means) for n in names]
-    return statistics.fmean(diffs), combined_interval(diffs, images), seed_interval(diffs)
-
-
 def table(records: Path, val: Path) -> str:
     """The markdown table of the planned comparisons (at least two shared seeds) on validation and test."""
-    from gpcps_lightning.tools.report import FRACTION_NAMES, load_records, planned_comparisons
+    from gpcps_lightning.tools.report import (
+        FRACTION_NAMES,
+        load_records,
+        paired_difference,
+        planned_comparisons,
+    )
 
     tests = {(r["method"], r["fraction"], r["seed"]): r for r in load_records(records)}
     vals = {}
@@ -154,8 +135,8 @@ def table(records: Path, val: Path) -> str:
         run = json.loads(path.read_text())
         vals[(run["method"], run["fraction"], run["seed"])] = run
 
-    def fmt(interval: tuple[float, float]) -> str:
-        return f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    def fmt(interval: tuple[float, float] | None) -> str:
+        return "–" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
     lines = [
         "| planned comparison | fraction | seeds | validation: mean | validation: seeds + images | "
@@ -173,11 +154,11 @@ def table(records: Path, val: Path) -> str:
             if len(seeds) < 2:
                 continue
             cells = []
-            for source, key in ((vals, "val_images"), (tests, "test_images")):
+            for source, split in ((vals, "val"), (tests, "test")):
                 early = [source[(earlier, fraction, s)] for s in seeds]
                 late = [source[(later, fraction, s)] for s in seeds]
-                mean, both, alone = paired(early, late, key)
-                cells += [f"{mean:+.2f}", fmt(both)] + ([fmt(alone)] if key == "val_images" else [])
+                diff = paired_difference(early, late, split)
+                cells += [f"{diff.mean:+.2f}", fmt(diff.both)] + ([fmt(diff.seeds)] if split == "val" else [])
             name = FRACTION_NAMES.get(fraction, f"{fraction:g}")
             cells = [f"`{later}` − `{earlier}`", name, ", ".join(map(str, seeds)), *cells]
             lines.append("| " + " | ".join(cells) + " |")

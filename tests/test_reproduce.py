@@ -38,6 +38,7 @@ from gpcps_lightning.tools.report import (
     late_gain,
     load_records,
     make_tables,
+    paired_difference,
     planned_comparisons,
     run_flags,
     seed_interval,
@@ -580,17 +581,17 @@ def test_a_finished_record_with_other_settings_is_refused(tiny: dict[str, Any], 
         main(_run_args(out, tiny["data"], tiny["config"]))
 
 
-def test_val_images_pairs_carry_the_seeds_and_the_images() -> None:
-    script = load_script("val_images")
-
-    def run(a: float, b: float) -> dict[str, Any]:
+def test_a_paired_difference_on_validation_carries_the_seeds_and_the_images() -> None:
+    def run(a: float, b: float) -> dict[str, Any]:  # as scripts/val_images.py writes a run's scores
         return {
             "selection_head": "net1",
+            "val": {"dice_net1": (a + b) / 2},
             "val_images": {"net1": [["a", a, a], ["b", b, b], ["c", None, None]]},
         }
 
     early, late = [run(0.5, 0.7), run(0.5, 0.5)], [run(0.6, 0.7), run(0.7, 0.6)]
-    mean, both, alone = script.paired(early, late, "val_images")
+    diff = paired_difference(early, late, split="val")
+    mean, both, alone = diff.mean, diff.both, diff.seeds
     # seeds +5 and +15 (points); images a +15 and b +5 averaged over the seeds ("c" unscored: left out)
     assert mean == pytest.approx(10.0)
     half = t_quantile(1) * math.sqrt(50 / 2 + 50 / 2)

@@ -34,6 +34,7 @@ __all__ = [
     "PAPER_PLANNED",
     "PAPER_TABLE1",
     "PAPER_TABLE2",
+    "PairedDifference",
     "Planned",
     "combined_interval",
     "folder_tables",
@@ -42,6 +43,7 @@ __all__ = [
     "make_pilot_tables",
     "make_plot",
     "make_tables",
+    "paired_difference",
     "planned_comparisons",
     "run_flags",
     "seed_interval",
@@ -138,8 +140,8 @@ def load_records(folder: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _dice(record: Mapping[str, Any], head: str | None = None) -> float:
-    return 100.0 * float(record["test"][f"dice_{head or record['selection_head']}"])
+def _dice(record: Mapping[str, Any], head: str | None = None, split: str = "test") -> float:
+    return 100.0 * float(record[split][f"dice_{head or record['selection_head']}"])
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -148,9 +150,11 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
 
-def _image_scores(record: Mapping[str, Any], head: str | None = None) -> dict[str, float] | None:
-    """Per-image test Dice (%) of a head by image name (images without a score left out), if recorded."""
-    rows = (record.get("test_images") or {}).get(head or record["selection_head"])
+def _image_scores(
+    record: Mapping[str, Any], head: str | None = None, split: str = "test"
+) -> dict[str, float] | None:
+    """Per-image Dice (%) of a head on a split by image name (images without a score left out), if kept."""
+    rows = (record.get(f"{split}_images") or {}).get(head or record["selection_head"])
     if rows is None:
         return None
     return {name: 100.0 * float(dice) for name, dice, _ in rows if dice is not None}
@@ -420,10 +424,13 @@ def make_tables(records: Sequence[dict[str, Any]], planned: Planned = PAPER_PLAN
 
 
 def _image_differences(
-    early: Sequence[Mapping[str, Any]], late: Sequence[Mapping[str, Any]]
+    early: Sequence[Mapping[str, Any]], late: Sequence[Mapping[str, Any]], split: str = "test"
 ) -> list[float] | None:
-    """Per test image, ``late - early`` Dice averaged over the paired runs; ``None`` without scores."""
-    scores = [(_image_scores(a), _image_scores(b)) for a, b in zip(early, late, strict=True)]
+    """Per image of a split, ``late - early`` Dice averaged over the paired runs; ``None`` without scores."""
+    scores = [
+        (_image_scores(a, split=split), _image_scores(b, split=split))
+        for a, b in zip(early, late, strict=True)
+    ]
     if any(a is None or b is None for a, b in scores):
         return None
     names = sorted(set.intersection(*(set(a) & set(b) for a, b in scores)))  # type: ignore[arg-type]
@@ -594,6 +601,42 @@ def make_pilot_tables(records: Sequence[dict[str, Any]]) -> str:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """A seed-paired difference ``late - early`` of two rows on one split, in points of Dice."""
+
+    #: Per shared seed, in the order given.
+    diffs: list[float]
+    #: The headline 95% interval (seeds and images); ``None`` with one seed or no per-image scores.
+    both: tuple[float, float] | None
+    #: Detail: the t interval over seeds alone; ``None`` with one seed.
+    seeds: tuple[float, float] | None
+
+    @property
+    def mean(self) -> float:
+        """The mean over seeds."""
+        return statistics.fmean(self.diffs)
+
+
+def paired_difference(
+    early: Sequence[Mapping[str, Any]], late: Sequence[Mapping[str, Any]], split: str = "test"
+) -> PairedDifference:
+    """The seed-paired difference of two rows' runs on the same seeds (in the same order) on a split.
+
+    A run gives its selection head's mean Dice as ``run[split]`` and, for the interval over seeds and
+    images (:func:`combined_interval`), its per-image scores as ``run[f"{split}_images"]``: records keep
+    them for ``test``, ``scripts/val_images.py`` writes them for ``val``.
+    """
+    diffs = [_dice(b, split=split) - _dice(a, split=split) for a, b in zip(early, late, strict=True)]
+    images = _image_differences(early, late, split)
+    several = len(diffs) > 1
+    return PairedDifference(
+        diffs=diffs,
+        both=combined_interval(diffs, images) if several and images is not None else None,
+        seeds=seed_interval(diffs) if several else None,
+    )
+
+
+@dataclass(frozen=True)
 class _Pair:
     """One seed-paired difference between two rows of one protocol at one fraction (later − earlier)."""
 
@@ -601,41 +644,29 @@ class _Pair:
     earlier: _Row
     later: _Row
     shared: list[int]
-    diffs: list[float]
-    #: The headline 95% interval (seeds and test images); ``None`` with one seed or no per-image scores.
-    both: tuple[float, float] | None
-    #: Detail: the t interval over seeds (``None`` with one seed) and the bootstrap over test images.
-    seeds: tuple[float, float] | None
+    difference: PairedDifference
+    #: Detail: the bootstrap over test images.
     images: tuple[float, float] | None
     commits: list[str]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.diffs)
 
 
 def _pairs(rows: Sequence[_Row], fractions: Sequence[float]) -> Iterator[_Pair]:
     """Every seed-paired difference of :func:`_seed_pairs`, with its intervals."""
     for f, earlier, early, later, late, shared in _seed_pairs(rows, fractions):
-        diffs = [_dice(late[s]) - _dice(early[s]) for s in shared]
         pair_early, pair_late = [early[s] for s in shared], [late[s] for s in shared]
-        images = _image_differences(pair_early, pair_late)
-        several = len(diffs) > 1
         yield _Pair(
             fraction=f,
             earlier=earlier,
             later=later,
             shared=shared,
-            diffs=diffs,
-            both=combined_interval(diffs, images) if several and images is not None else None,
-            seeds=seed_interval(diffs) if several else None,
+            difference=paired_difference(pair_early, pair_late),
             images=_paired_image_bootstrap(pair_early, pair_late),
             commits=sorted({c for r in pair_early + pair_late for c in _commits(r)}),
         )
 
 
 def _interval_text(interval: tuple[float, float] | None, pair: _Pair, digits: int = 2) -> str:
-    if len(pair.diffs) == 1:
+    if len(pair.difference.diffs) == 1:
         return "– (one seed)"
     return "–" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
 
@@ -672,7 +703,7 @@ def _planned_table(pairs: Sequence[_Pair], planned: Planned) -> list[str]:
             lines.append(f"| `{later}` − `{earlier}` | – | none yet | – | – | – | {paper_text} |")
         for p in matching:
             sign = 1.0 if p.later.method == later else -1.0  # shown in the planned order
-            mean, both = sign * p.mean, p.both
+            mean, both = sign * p.difference.mean, p.difference.both
             if both is not None and sign < 0:
                 both = (-both[1], -both[0])
             excludes = "–" if both is None else ("yes" if both[0] > 0 or both[1] < 0 else "no")
@@ -709,7 +740,8 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float], planne
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
-        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(p.shared, p.diffs, strict=True))
+        diff = p.difference
+        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(p.shared, diff.diffs, strict=True))
         name = f"{p.later.label} `{p.later.settings}` − {p.earlier.label} `{p.earlier.settings}`"
         if frozenset((p.earlier.method, p.later.method)) in planned_sets:
             name = f"**planned:** {name}"
@@ -717,8 +749,8 @@ def _paired_differences(rows: Sequence[_Row], fractions: Sequence[float], planne
         commit_text = ", ".join(p.commits) if len(p.commits) > 1 else ""
         lines.append(
             f"| {_fraction_name(p.fraction)} | {name} | {', '.join(str(s) for s in p.shared)} | {per_seed} "
-            f"| {p.mean:+.2f} | {_interval_text(p.both, p)} | {_interval_text(p.seeds, p)} | {boot_text} "
-            f"| {commit_text} |"
+            f"| {diff.mean:+.2f} | {_interval_text(diff.both, p)} | {_interval_text(diff.seeds, p)} "
+            f"| {boot_text} | {commit_text} |"
         )
     if not pairs:
         lines.append("| – | no two rows of one protocol share a seed | | | | | | | |")
